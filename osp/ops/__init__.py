@@ -1,0 +1,17 @@
+"""Functional ops with explainable backend dispatch; needs only torch to import.
+
+Each op has a float64 reference (``<op>_reference``) and backends chosen per call; see
+``osp.ops._dispatch`` for how a backend is chosen or forced (``backend=``, ``use_backend``,
+``OSP_BACKEND``) and ``python -m osp info`` for what is usable here.
+"""
+from ._dispatch import BACKEND_NAMES, BackendUnavailable, registered_ops, use_backend
+from .group_norm import group_norm, group_norm_reference
+
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendUnavailable",
+    "group_norm",
+    "group_norm_reference",
+    "registered_ops",
+    "use_backend",
+]
