@@ -5,11 +5,14 @@ Each op has a float64 reference (``<op>_reference``) and backends chosen per cal
 ``OSP_BACKEND``) and ``python -m osp info`` for what is usable here.
 """
 from ._dispatch import BACKEND_NAMES, BackendUnavailable, registered_ops, use_backend
+from .causal_conv3d import causal_conv3d, causal_conv3d_reference
 from .group_norm import group_norm, group_norm_reference
 
 __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailable",
+    "causal_conv3d",
+    "causal_conv3d_reference",
     "group_norm",
     "group_norm_reference",
     "registered_ops",

@@ -1,0 +1,201 @@
+"""Causal 3-D convolution of video: the first frame is replicated in front, never zero-padded in time.
+
+Output frame t sees input frames <= t: the input is read as if frame 0 were repeated kt-1 times
+before the clip (Open-Sora-Plan's CausalConv3d), spatial borders are zero-padded, and an optional
+residual (the ResNet shortcut) is added after the bias.
+
+Backends, in automatic order: ``triton`` (kernels/causal_conv3d.py: implicit-GEMM forward,
+dx and dweight kernels; CUDA, CPU only through the interpreter when forced), ``torch`` (F.conv3d
+of the unpadded clip for the frames whose window lies inside it, plus a small replicated head for
+the first frames: no padded copy of the whole input). The float64 reference
+``causal_conv3d_reference`` (replicate + F.conv3d) is the ground truth the tests compare against.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import Backend, Op
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+IntOr3 = Union[int, Sequence[int]]
+IntOr2 = Union[int, Sequence[int]]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def normalize_stride(stride) -> Tuple[int, int, int]:
+    """int or (st, sh, sw) -> (st, sh, sw) of positive ints; ValueError otherwise."""
+    s = (stride,) * 3 if _is_int(stride) else tuple(stride) if isinstance(stride, (tuple, list)) else None
+    if s is None or len(s) != 3 or not all(_is_int(v) and v > 0 for v in s):
+        raise ValueError(f"causal_conv3d: stride={stride!r}; expected a positive int or 3 positive ints (st, sh, sw)")
+    return s
+
+
+def normalize_padding(padding) -> Tuple[int, int]:
+    """int or (ph, pw) -> (ph, pw) of non-negative ints (spatial only); ValueError otherwise."""
+    p = (padding,) * 2 if _is_int(padding) else tuple(padding) if isinstance(padding, (tuple, list)) else None
+    if p is None or len(p) != 2 or not all(_is_int(v) and v >= 0 for v in p):
+        raise ValueError(
+            f"causal_conv3d: padding={padding!r}; expected a non-negative int or 2 non-negative ints (ph, pw) "
+            "of spatial zero padding (time is never zero-padded)"
+        )
+    return p
+
+
+def output_shape(x_shape, w_shape, stride, padding) -> Tuple[int, int, int, int, int]:
+    """(N, Cout, T_out, H_out, W_out); T_out = (T - 1) // st + 1 because kt - 1 frames are prepended."""
+    N, _, T, H, W = x_shape
+    Cout, _, kt, kh, kw = w_shape
+    st, sh, sw = stride
+    ph, pw = padding
+    return (N, Cout, (T - 1) // st + 1 if T > 0 else 0, (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
+
+
+def _check(x, weight, bias, stride, padding, residual):
+    """Validate and return (stride, padding) normalized."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"causal_conv3d: x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"causal_conv3d: x has shape {tuple(x.shape)} (rank {x.dim()}); expected (N, Cin, T, H, W), rank 5")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"causal_conv3d: x has dtype {x.dtype}; expected one of float32, float16, bfloat16, float64")
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"causal_conv3d: weight must be a tensor, got {type(weight).__name__}")
+    if weight.dim() != 5:
+        raise ValueError(
+            f"causal_conv3d: weight has shape {tuple(weight.shape)} (rank {weight.dim()}); "
+            "expected (Cout, Cin, kt, kh, kw), rank 5"
+        )
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"causal_conv3d: weight has dtype {weight.dtype}; expected a floating dtype")
+    if weight.device != x.device:
+        raise ValueError(f"causal_conv3d: weight is on {weight.device} but x is on {x.device}")
+    Cout, Cin = weight.shape[:2]
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"causal_conv3d: x has Cin={x.shape[1]} channels but weight {tuple(weight.shape)} expects Cin={Cin}"
+        )
+    if min(weight.shape) <= 0:
+        raise ValueError(f"causal_conv3d: weight has shape {tuple(weight.shape)}; expected every dim >= 1")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (Cout,):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"causal_conv3d: bias has shape {shape}; expected ({Cout},) for Cout={Cout}")
+        if bias.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"causal_conv3d: bias has dtype {bias.dtype}; expected a floating dtype")
+        if bias.device != x.device:
+            raise ValueError(f"causal_conv3d: bias is on {bias.device} but x is on {x.device}")
+    stride = normalize_stride(stride)
+    padding = normalize_padding(padding)
+    out = output_shape(x.shape, weight.shape, stride, padding)
+    if min(out) <= 0:
+        raise ValueError(
+            f"causal_conv3d: output size {out} has a dim <= 0 for x {tuple(x.shape)}, kernel "
+            f"{tuple(weight.shape[2:])}, stride {stride}, padding {padding}; expected N, T >= 1 and "
+            "H + 2*ph >= kh, W + 2*pw >= kw"
+        )
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != out:
+            shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+            raise ValueError(f"causal_conv3d: residual has shape {shape}; expected the output's shape {out}")
+        if residual.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"causal_conv3d: residual has dtype {residual.dtype}; expected a floating dtype")
+        if residual.device != x.device:
+            raise ValueError(f"causal_conv3d: residual is on {residual.device} but x is on {x.device}")
+    return stride, padding
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d when x is stored that way (and not also plain contiguous), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def causal_conv3d_reference(x, weight, bias=None, *, stride=1, padding=0, residual=None) -> torch.Tensor:
+    """Ground truth in float64: replicate frame 0 kt-1 times in front, then F.conv3d. Returns float64."""
+    stride, padding = _check(x, weight, bias, stride, padding, residual)
+    kt = weight.shape[2]
+    xd = x.detach().to(torch.float64)
+    xd = torch.cat([xd[:, :, :1].expand(-1, -1, kt - 1, -1, -1), xd], dim=2)
+    b = bias.detach().to(torch.float64) if bias is not None else None
+    y = F.conv3d(xd, weight.detach().to(torch.float64), b, stride, (0,) + padding)
+    if residual is not None:
+        y = y + residual.detach().to(torch.float64)
+    return y
+
+
+def _torch_run(x, weight, bias, stride, padding, residual):
+    kt = weight.shape[2]
+    st = stride[0]
+    T = x.shape[2]
+    T_out = (T - 1) // st + 1
+    w = weight.to(x.dtype)
+    b = bias.to(x.dtype) if bias is not None else None
+    fmt = memory_format_of(x)
+    # Output frames t < t_head have windows reaching before frame 0 (t*st < kt-1); only they need
+    # replicated frames, and only input frames <= (t_head-1)*st, so the head copy is a few frames.
+    t_head = min(-(-(kt - 1) // st), T_out)
+    parts = []
+    if t_head > 0:
+        head_in = x[:, :, : (t_head - 1) * st + 1]
+        head = torch.cat([head_in[:, :, :1].expand(-1, -1, kt - 1, -1, -1), head_in], dim=2)
+        parts.append(F.conv3d(head.contiguous(memory_format=fmt), w, b, stride, (0,) + padding))
+    if t_head < T_out:
+        # The remaining windows lie inside the clip: start at the first frame output t_head reads.
+        parts.append(F.conv3d(x[:, :, t_head * st - (kt - 1):], w, b, stride, (0,) + padding))
+    if len(parts) == 1 and parts[0].is_contiguous(memory_format=fmt):
+        y = parts[0]
+    else:
+        shape = output_shape(x.shape, weight.shape, stride, padding)
+        y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        t = 0
+        for p in parts:
+            y[:, :, t:t + p.shape[2]] = p
+            t += p.shape[2]
+    if residual is not None:
+        y = y.add_(residual)  # y is a fresh intermediate that no backward saves: in place is safe
+    return y
+
+
+def _torch_why_not(x, weight, bias, stride, padding, residual, *, forced):
+    return None
+
+
+CAUSAL_CONV3D = Op(
+    "causal_conv3d",
+    [
+        Backend("torch", _torch_run, _torch_why_not),
+    ],
+)
+
+
+def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  stride: IntOr3 = 1, padding: IntOr2 = 0, residual: Optional[torch.Tensor] = None,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """Causal 3-D convolution: frame 0 replicated kt-1 times in front, spatial zero padding.
+
+    Equals ``F.conv3d(cat([x[:, :, :1]] * (kt-1) + [x], dim=2), weight, bias, stride, (0, ph, pw))
+    + residual`` without building the padded copy.
+
+    Args:
+        x: (N, Cin, T, H, W), NCDHW-contiguous or channels_last_3d (any strides are accepted).
+            float32, float16, bfloat16 (fp32 accumulation) or float64 (torch backend).
+        weight: (Cout, Cin, kt, kh, kw); cast to x's dtype.
+        bias: optional (Cout,).
+        stride: int or (st, sh, sw).
+        padding: spatial zero padding, int or (ph, pw). Time is never zero-padded.
+        residual: optional tensor of the output's shape added after the bias (a ResNet shortcut).
+        backend: force "triton" or "torch"; None chooses (see osp.ops.use_backend, OSP_BACKEND).
+
+    Returns:
+        (N, Cout, (T-1)//st + 1, (H+2ph-kh)//sh + 1, (W+2pw-kw)//sw + 1) in x's dtype and memory
+        format. Differentiable in x, weight, bias and residual.
+    """
+    stride, padding = _check(x, weight, bias, stride, padding, residual)
+    return CAUSAL_CONV3D.dispatch((x, weight, bias, stride, padding, residual), {}, backend)
