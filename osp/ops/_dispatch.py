@@ -84,9 +84,12 @@ def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
 class Op:
     """An op with ordered backends; call ``op.dispatch(args, kwargs, backend)``."""
 
-    def __init__(self, name: str, backends: List[Backend]):
+    def __init__(self, name: str, backends: List[Backend], probe: Optional[Callable] = None):
+        """``probe(device, dtype) -> (args, kwargs)`` builds a small typical call, so that
+        ``osp info`` can ask every backend whether it would run here."""
         self.name = name
         self.backends = {b.name: b for b in backends}
+        self.probe = probe
         _REGISTRY[name] = self
 
     def _forced(self, backend: Optional[str]) -> Optional[str]:

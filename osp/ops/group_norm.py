@@ -112,14 +112,11 @@ def _triton_run(x, num_groups, weight, bias, eps, act):
 
 
 def _triton_why_not(x, num_groups, weight, bias, eps, act, *, forced):
-    reason = triton_why_not(x, forced=forced)
-    if reason:
-        return reason
     if x.dtype == torch.float64:
         return "float64 is computed in fp32 by the kernel; the torch backend keeps float64"
     if x.numel() == 0:
         return "empty tensor"
-    return None
+    return triton_why_not(x, forced=forced)
 
 
 GROUP_NORM = Op(
@@ -128,6 +125,7 @@ GROUP_NORM = Op(
         Backend("triton", _triton_run, _triton_why_not),
         Backend("torch", _torch_run, _torch_why_not),
     ],
+    probe=lambda device, dtype: ((torch.randn(1, 64, 5, 8, 8, device=device, dtype=dtype), 32, None, None, 1e-6, "silu"), {}),
 )
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from osp.cli import main
+
+sys.exit(main())
