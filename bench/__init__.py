@@ -1,0 +1,1 @@
+"""Benchmark suites for osp ops: ``python -m bench`` (see bench/__main__.py and bench/harness.py)."""

@@ -1,0 +1,92 @@
+"""GroupNorm+SiLU (32 groups, eps 1e-6, weight and bias) of video-VAE activations.
+
+Each backend of ``osp.ops.group_norm(..., act="silu")`` is timed against the eager PyTorch pair
+``F.silu(F.group_norm(x))`` in the same memory format: contiguous NCDHW ("ncdhw") and
+channels_last_3d ("ndhwc"), forward alone ("fwd") and forward plus backward ("fwd+bwd", gradients
+of x, weight and bias under a random upstream gradient).
+
+GPU: bf16 activations of the Open-Sora-Plan VAE decoder's stages. CPU: small fp32 shapes; the
+Triton rows run only when TRITON_INTERPRET=1 was set before triton was imported, and then measure
+the interpreter, not the kernel.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, List
+
+import torch
+import torch.nn.functional as F
+
+from osp.ops import group_norm
+
+from .harness import Case
+
+GROUPS, EPS = 32, 1e-6
+GPU_SHAPES = [(1, 128, 17, 256, 256), (1, 256, 17, 128, 128), (1, 512, 17, 64, 64), (1, 512, 5, 64, 64)]
+CPU_SHAPES = [(1, 32, 5, 32, 32), (1, 64, 9, 16, 16)]
+LAYOUTS = {"ncdhw": torch.contiguous_format, "ndhwc": torch.channels_last_3d}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+BASELINE_NAME = "torch GroupNorm+SiLU eager"
+INTERPRETER_NOTE = "Triton interpreter: checks correctness, its timings are not speed"
+
+
+def _backend(name: str) -> Callable:
+    def run(x, w, b):
+        return group_norm(x, GROUPS, w, b, EPS, act="silu", backend=name)
+
+    return run
+
+
+def _eager(x, w, b):
+    return F.silu(F.group_norm(x, GROUPS, w, b, EPS))
+
+
+def _timed(fn: Callable, x, w, b, dy) -> Callable[[], object]:
+    """A zero-argument call of fn: the forward alone when dy is None, else forward and backward."""
+    if dy is None:
+        return lambda: fn(x, w, b)
+
+    def fwd_bwd():
+        fn(x, w, b).backward(dy)
+
+    return fwd_bwd
+
+
+def cases(device: str, quick: bool) -> List[Case]:
+    """GroupNorm+SiLU cases for ``device`` ("cuda" or "cpu"); ``quick`` keeps the first shape only.
+
+    Bytes: forward x read + y write; forward+backward adds the backward's x read, dy read and dx
+    write. weight/bias reads and their gradients' writes are counted too (C elements each).
+    """
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    if cuda:
+        backends = ["triton", "torch"]
+    else:
+        backends = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET", "0") == "1" else [])
+    out: List[Case] = []
+    for shape in shapes[:1] if quick else shapes:
+        C = shape[1]
+        for layout, fmt in LAYOUTS.items():
+            # One set of random inputs per (shape, layout), shared by every mode and backend.
+            x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            dy = torch.randn_like(x)
+            w = 1 + 0.1 * torch.randn(C, device=device, dtype=dtype)
+            b = 0.1 * torch.randn(C, device=device, dtype=dtype)
+            xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+            elem = x.element_size()
+            for mode in ("fwd", "fwd+bwd"):
+                if mode == "fwd":
+                    args, grads, nbytes = (x, w, b, None), [], (2 * x.numel() + 2 * C) * elem
+                else:
+                    args, grads, nbytes = (xg, wg, bg, dy), [xg, wg, bg], (5 * x.numel() + 6 * C) * elem
+                baseline = _timed(_eager, *args)
+                for name in backends:
+                    out.append(Case(
+                        op="group_norm", shape="x".join(map(str, shape)), dtype=DTYPE_NAMES[dtype],
+                        layout=layout, backend=name, mode=mode, run=_timed(_backend(name), *args),
+                        baseline=baseline, baseline_name=BASELINE_NAME, bytes=nbytes, flops=None,
+                        grad_to_none=grads, note=INTERPRETER_NOTE if name == "triton" and not cuda else "",
+                    ))
+    return out

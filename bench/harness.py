@@ -1,0 +1,327 @@
+"""Benchmark machinery shared by the bench/bench_<op>.py suites.
+
+A suite returns ``Case`` objects (inputs already built, callables ready to time); ``run_cases``
+times each case and its baseline in the same run and turns them into rows (plain dicts, one per
+case) carrying the speed, the bandwidth and compute rates, their share of the peaks measured in
+the same run by ``measure_peaks``, and the ``environment`` (device, versions, git revision).
+Rows are appended as JSON lines to bench/results/results.jsonl by real runs, and rendered by
+``markdown_table`` and ``plot``.
+
+Timing: on CUDA ``triton.testing.do_bench`` (median with 0.2/0.8 quantiles, L2 flushed between
+runs, warm-up keeps compilation and autotuning out); on CPU (and on CUDA without triton) a wall
+clock over repeats after one warm-up call, median, bounded to about a second per callable.
+Triton is imported only to time on CUDA, so on CPU the caller stays free to set TRITON_INTERPRET=1
+before anything imports it.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "results.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+
+# CPU wall-clock bounds: stop after this many seconds or repeats (at least one timed call).
+_CPU_BUDGET_S = 1.0
+_CPU_MAX_REPS = 50
+
+
+@dataclass
+class Case:
+    """One measured configuration of one op.
+
+    ``run`` and ``baseline`` are zero-argument callables over inputs built beforehand (random data);
+    ``bytes`` counts the minimal traffic: each input read once and each output written once (for
+    "fwd+bwd": the forward's x read and y write plus the backward's x read, dy read and dx write).
+    ``flops`` is None for ops without arithmetic worth a rate (normalizations, copies).
+    ``grad_to_none`` lists tensors whose ``.grad`` is reset before every timed call.
+    """
+
+    op: str
+    shape: str
+    dtype: str
+    layout: str
+    backend: str
+    mode: str
+    run: Callable[[], object]
+    baseline: Optional[Callable[[], object]]
+    baseline_name: str
+    bytes: int
+    flops: Optional[int] = None
+    grad_to_none: List[torch.Tensor] = field(default_factory=list)
+    note: str = ""
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _wall_clock(fn: Callable, device: str, grad_to_none: Sequence[torch.Tensor]) -> List[float]:
+    """Per-call wall times in ms after one warm-up call, within the CPU budget."""
+    fn()
+    _sync(device)
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < _CPU_MAX_REPS and (not times or time.perf_counter() - start < _CPU_BUDGET_S):
+        for t in grad_to_none:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_ms(fn: Callable, device: str, grad_to_none: Sequence[torch.Tensor] = ()) -> Tuple[float, float, float]:
+    """(median, 0.2 quantile, 0.8 quantile) of fn's run time in ms on ``device``."""
+    if device.startswith("cuda") and importlib.util.find_spec("triton") is not None:
+        import triton.testing
+
+        # Only arguments that triton 2.1 through 3.9 all accept; quantiles
+        # take precedence over return_mode, so the median is asked for as the 0.5 quantile.
+        med, lo, hi = triton.testing.do_bench(
+            fn, warmup=25, rep=200, grad_to_none=list(grad_to_none) or None, quantiles=[0.5, 0.2, 0.8]
+        )
+        return float(med), float(lo), float(hi)
+    med, lo, hi = np.quantile(_wall_clock(fn, device, grad_to_none), [0.5, 0.2, 0.8])
+    return float(med), float(lo), float(hi)
+
+
+def _copy_gbps(device: str, n_bytes: int) -> float:
+    src = torch.randn(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / time_ms(lambda: dst.copy_(src), device)[0] / 1e6
+
+
+def _matmul_tflops(device: str, n: int, dtype: torch.dtype) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / time_ms(lambda: torch.matmul(a, b), device)[0] / 1e9
+
+
+def measure_peaks(device: str) -> Dict[str, float]:
+    """Reachable peaks measured now: copy bandwidth (GB/s, read + write) and matmul TFLOP/s.
+
+    GPU: a 1 GiB device-to-device copy and a bf16 8192^3 matmul; CPU: a 256 MB copy and an fp32
+    2048^3 matmul. Inputs are random (zeros would flatter a power-aware GPU).
+    """
+    cuda = device.startswith("cuda")
+    peaks = {
+        "copy_gbps": _copy_gbps(device, (1 << 30) if cuda else (256 << 20)),
+        "matmul_tflops": _matmul_tflops(device, *((8192, torch.bfloat16) if cuda else (2048, torch.float32))),
+    }
+    _free(device)
+    return peaks
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads)"
+
+
+def _package_version(*names: str) -> str:
+    """Installed version of the first distribution found, without importing it; "none" if absent."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
+def _git_revision() -> str:
+    """Short HEAD plus "-dirty" when the tree has changes; OSP_REVISION overrides (a tree copied
+    without .git); "unknown" when git cannot tell."""
+    if os.environ.get("OSP_REVISION"):
+        return os.environ["OSP_REVISION"]
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                                  check=True, timeout=30).stdout.strip()
+
+        rev = git("rev-parse", "--short", "HEAD")
+        return rev + ("-dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: Optional[str] = None) -> Dict[str, object]:
+    """Where a measurement was taken: device name, torch/triton versions, git revision, UTC time,
+    whether Triton runs in its interpreter (TRITON_INTERPRET=1) and the 1-minute load average."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "triton": _package_version("triton", "pytorch-triton"),
+        "revision": _git_revision(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        # Other work on the machine skews CPU timings; the load says how much there was.
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _error(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def run_cases(cases: Iterable[Case], device: str, peaks: Dict[str, float],
+              env: Dict[str, object]) -> List[Dict[str, object]]:
+    """Time every case and its baseline (each baseline callable once, shared by the cases that
+    name it); a case that raises yields a row with an "error" field. Progress goes to stderr."""
+    rows: List[Dict[str, object]] = []
+    baseline_ms: Dict[Callable, float] = {}
+    for case in cases:
+        row: Dict[str, object] = {
+            "op": case.op, "shape": case.shape, "dtype": case.dtype, "layout": case.layout,
+            "backend": case.backend, "mode": case.mode, "bytes": case.bytes, "flops": case.flops,
+            "baseline": case.baseline_name, "note": case.note,
+        }
+        try:
+            ms, lo, hi = time_ms(case.run, device, case.grad_to_none)
+            gbps = case.bytes / ms / 1e6
+            row.update(ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps, pct_peak_bw=100 * gbps / peaks["copy_gbps"],
+                       tflops=None if case.flops is None else case.flops / ms / 1e9)
+            if case.flops is not None:
+                row["pct_peak_flops"] = 100 * row["tflops"] / peaks["matmul_tflops"]
+        except Exception as exc:  # one broken case must not end the suite
+            row["error"] = _error(exc)
+        if case.baseline is not None and "error" not in row:
+            try:
+                if case.baseline not in baseline_ms:
+                    baseline_ms[case.baseline] = time_ms(case.baseline, device, case.grad_to_none)[0]
+                row.update(baseline_ms=baseline_ms[case.baseline], speedup=baseline_ms[case.baseline] / row["ms"])
+            except Exception as exc:
+                row["error"] = "baseline " + _error(exc)
+        _free(device)
+        row.update(env)
+        row.update(peaks)
+        rows.append(row)
+        status = "; ".join(filter(None, [f"{row['ms']:.4g} ms" if "ms" in row else "", row.get("error")]))
+        print(f"  {case.op} {case.shape} {case.dtype} {case.layout} {case.backend} {case.mode}: {status}",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def append_rows(rows: Iterable[Dict[str, object]], path: Path = RESULTS) -> None:
+    """Append rows as JSON lines (for real runs only), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def load_rows(path: Path = RESULTS) -> List[Dict[str, object]]:
+    """Every row of a results file, oldest first."""
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _num(v: Optional[float], fmt: str = "{:#.3g}") -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else fmt.format(v)
+
+
+def markdown_table(rows: Sequence[Dict[str, object]]) -> str:
+    """A compact markdown table of rows, followed by the baselines' names."""
+    head = ["op", "shape", "dtype", "layout", "backend", "mode", "ms", "GB/s", "%peak BW",
+            "baseline ms", "speedup", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "ms" not in r:
+            cells = ["error", "-", "-", "-", "-", r["error"]]
+        else:
+            s = r.get("speedup")
+            speedup = "-" if s is None else f"{s:.2f}x" if s >= 0.1 else f"{s:.2g}x"
+            cells = [_num(r["ms"]), _num(r["gbps"]), _num(r["pct_peak_bw"], "{:.1f}"),
+                     _num(r.get("baseline_ms")), speedup, r.get("error") or r.get("note") or ""]
+        fixed = [r["op"], r["shape"], r["dtype"], r["layout"], r["backend"], r["mode"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in fixed + cells) + " |")
+    baselines = sorted({(r["op"], r["baseline"]) for r in rows if r.get("baseline")})
+    if baselines:
+        lines.append("")
+        lines.append("Baselines: " + "; ".join(f"{op}: {name}" for op, name in baselines) + ".")
+    return "\n".join(lines)
+
+
+def plot_rows(rows: Sequence[Dict[str, object]], out_png: Path) -> bool:
+    """Horizontal bar chart of each row's speedup over its baseline; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot: matplotlib is not installed (pip install matplotlib, or the osp[plot] extra); no plot drawn",
+              file=sys.stderr)
+        return False
+    rows = [r for r in rows if r.get("speedup") is not None]
+    if not rows:
+        print("plot: no rows with a speedup to draw", file=sys.stderr)
+        return False
+    labels = [f"{r['op']} {r['shape']} {r['dtype']} {r['layout']} {r['backend']} {r['mode']}" for r in rows]
+    speedups = [r["speedup"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.3 * len(rows)))
+    ax.barh(range(len(rows)), speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    if max(speedups) / max(min(speedups), 1e-12) > 100:  # interpreter rows sit orders of magnitude below
+        ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup over baseline (baseline ms / ms)")
+    first = rows[0]
+    interp = " (Triton interpreter: not speed)" if any(r.get("interpreter") for r in rows) else ""
+    ax.set_title(f"{first['device']}, rev {first['revision']}{interp}", fontsize=9)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot(path_jsonl: Path, out_png: Path) -> bool:
+    """Plot the speedups of the latest revision and device found in a results file (the newest
+    row of each case when a case was measured more than once)."""
+    rows = load_rows(path_jsonl)
+    if not rows:
+        print(f"plot: {path_jsonl} holds no rows", file=sys.stderr)
+        return False
+    last = rows[-1]
+    latest: Dict[tuple, Dict[str, object]] = {}
+    for r in rows:
+        if r.get("revision") == last.get("revision") and r.get("device") == last.get("device"):
+            latest[(r["op"], r["shape"], r["dtype"], r["layout"], r["backend"], r["mode"])] = r
+    return plot_rows(list(latest.values()), out_png)
