@@ -1,0 +1,169 @@
+"""Building blocks of the causal video VAE (spec: open-sora-plan-v1.0-numerics.md, B.1).
+
+Every tensor is a video (B, C, T, H, W). Every convolution is an ``osp.nn.CausalConv3d`` and every
+norm an ``osp.nn.GroupNorm`` (32 groups, eps 1e-6, SiLU fused where one follows), so each osp
+backend applies to the whole model. Module and parameter names follow upstream's state dict.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import ops
+from ...nn import CausalConv3d, GroupNorm
+
+NORM_GROUPS = 32
+NORM_EPS = 1e-6
+# Attention scores a math-fallback SDPA call may hold at once (elements), so that a 1024x1024
+# clip's mid-block attention does not need tens of GB where no fused kernel runs.
+_ATTN_SCORES_BUDGET = 1 << 28
+
+
+def normalize(channels: int, act: Optional[str] = None) -> GroupNorm:
+    """Upstream's Normalize: GroupNorm(32, C, eps=1e-6, affine) over the whole clip, plus ``act``."""
+    return GroupNorm(NORM_GROUPS, channels, eps=NORM_EPS, affine=True, act=act)
+
+
+class ResnetBlock3D(nn.Module):
+    """norm1+SiLU -> conv1 (k3) -> norm2+SiLU -> dropout -> conv2 (k3), plus the shortcut
+    (``nin_shortcut``, a 1x1x1 conv, only when the channel count changes), added inside conv2."""
+
+    def __init__(self, in_channels: int, out_channels: Optional[int] = None, dropout: float = 0.0):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = normalize(in_channels, act="silu")
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = normalize(out_channels, act="silu")
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = CausalConv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        h = self.dropout(self.norm2(h))
+        shortcut = self.nin_shortcut(x) if self.in_channels != self.out_channels else x
+        return self.conv2(h, residual=shortcut)
+
+
+class SpatialDownsample2x(nn.Module):
+    """Zero-pad H and W by one at the bottom/right, then a (1,3,3) conv with stride (1,2,2):
+    H -> H//2, W -> W//2, T unchanged. Parameters ``conv.conv.*``."""
+
+    def __init__(self, in_channels: int, out_channels: Optional[int] = None):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.conv = CausalConv3d(in_channels, out_channels, (1, 3, 3), stride=(1, 2, 2), padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class SpatialUpsample2x(nn.Module):
+    """Nearest x2 in H and W (per frame), then a (1,3,3) conv with padding 1. Parameters ``conv.conv.*``."""
+
+    def __init__(self, in_channels: int, out_channels: Optional[int] = None):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.conv = CausalConv3d(in_channels, out_channels, (1, 3, 3), padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+
+
+class TimeDownsample2x(nn.Module):
+    """Causal 2x temporal average pooling, no parameters: T -> (T-1)//2 + 1.
+
+    out[0] = x[0] and out[k] = (x[2k-2] + x[2k-1] + x[2k]) / 3, which is upstream's "replicate frame 0
+    twice in front, then AvgPool3d((3,1,1), stride (2,1,1))" without building the padded copy
+    (and with frame 0 passed through exactly instead of as (3*x0)/3).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[2]
+        if T < 3:
+            return x[:, :, :1]
+        n = (T - 3) // 2 + 1  # windows (2k-2, 2k-1, 2k) that lie inside the clip
+        # Strided slices instead of F.avg_pool3d, which has no CPU float16 kernel; same sum, same order.
+        rest = x[:, :, 0:2 * n - 1:2] + x[:, :, 1:2 * n:2]
+        rest = rest.add_(x[:, :, 2:2 * n + 1:2]).div_(3)
+        return torch.cat([x[:, :, :1], rest], dim=2)
+
+
+class TimeUpsample2x(nn.Module):
+    """Causal 2x temporal upsampling, no parameters: T -> 2T - 1 (T = 1 stays 1).
+
+    Frame 0 is kept; frames 1.. are interpolated linearly x2 in time (PyTorch "trilinear" with
+    align_corners=False, spatial factors 1), as upstream does.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] == 1:
+            return x
+        rest = F.interpolate(x[:, :, 1:], scale_factor=(2.0, 1.0, 1.0), mode="trilinear", align_corners=False)
+        return torch.cat([x[:, :, :1], rest], dim=2)
+
+
+def _sdpa_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(E)) v for (B, G, L, E) inputs, in chunks of G so that a math-fallback
+    call never holds more than _ATTN_SCORES_BUDGET scores; returns (B, G, L, E)."""
+    B, G, L, _ = q.shape
+    step = max(1, _ATTN_SCORES_BUDGET // max(1, B * L * L))
+    if step >= G:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat(
+        [F.scaled_dot_product_attention(q[:, g:g + step], k[:, g:g + step], v[:, g:g + step]) for g in range(0, G, step)],
+        dim=1,
+    )
+
+
+class AttnBlock3D(nn.Module):
+    """Single-head self-attention over the H*W positions, scale 1/sqrt(C), with a residual.
+
+    ``norm`` (GroupNorm), then ``q``, ``k``, ``v`` (1x1x1 convs, computed as one fused conv), attention,
+    ``proj_out`` (1x1x1) with the input added. Two behaviours, selected by ``per_frame``:
+
+    - ``per_frame=False`` (upstream's "AttnBlock3D", which the v1.0 weights were trained with): each
+      sample's contiguous (C, T, H, W) q/k/v memory is reinterpreted, with no permute, as T groups of
+      (C, H*W); group g holds rows c*T + t in [g*C, (g+1)*C) of the (C*T, H*W) matrix, so for T > 1
+      a group mixes channels of several frames. The result is written back the same way.
+    - ``per_frame=True`` ("AttnBlock3DFix"): attention within each frame over its H*W positions
+      with the C channels as features.
+
+    For T = 1 both are the Stable Diffusion VAE's attention block.
+    """
+
+    def __init__(self, channels: int, per_frame: bool = True):
+        super().__init__()
+        self.channels = channels
+        self.per_frame = per_frame
+        self.norm = normalize(channels)
+        self.q = CausalConv3d(channels, channels, 1)
+        self.k = CausalConv3d(channels, channels, 1)
+        self.v = CausalConv3d(channels, channels, 1)
+        self.proj_out = CausalConv3d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        weight = torch.cat([self.q.conv.weight, self.k.conv.weight, self.v.conv.weight])
+        bias = torch.cat([self.q.conv.bias, self.k.conv.bias, self.v.conv.bias])
+        qkv = ops.causal_conv3d(self.norm(x), weight, bias).contiguous()
+        # Each chunk is one dense (C, T, H, W) block per sample, so the views below copy nothing.
+        if self.per_frame:
+            q, k, v = (y.permute(0, 2, 3, 4, 1).reshape(b, t, h * w, c) for y in qkv.chunk(3, dim=1))
+            out = _sdpa_chunked(q, k, v)  # (b, t, hw, c)
+            del q, k, v, qkv
+            out = out.permute(0, 3, 1, 2).reshape(b, c, t, h, w).contiguous()
+        else:
+            q, k, v = (y.reshape(b, t, c, h * w).transpose(-1, -2) for y in qkv.chunk(3, dim=1))
+            out = _sdpa_chunked(q, k, v)  # (b, t, hw, c): group t, position, pseudo-channel
+            del q, k, v, qkv
+            out = out.transpose(-1, -2).reshape(b, c, t, h, w)
+        return self.proj_out(out, residual=x)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, per_frame={self.per_frame}"

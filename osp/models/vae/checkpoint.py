@@ -1,0 +1,127 @@
+"""Reading upstream and osp VAE checkpoints: diffusers directories, single weight files, and
+Lightning ``.ckpt`` files, loaded strictly (every missing or unexpected key is an error naming it)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Mapping, Optional, Tuple
+
+import torch
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TORCH_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# Upstream builds its training loss (LPIPS + discriminator) inside the model, so its checkpoints
+# may carry these; they are not part of the autoencoder.
+IGNORED_PREFIXES = ("loss.",)
+
+
+def read_weights(path: str, weights_only: bool = True) -> Dict[str, torch.Tensor]:
+    """A flat state dict from a .safetensors file or a torch pickle (.ckpt/.bin/.pt/.pth); a Lightning
+    checkpoint's weights are under "state_dict"."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    if not path.endswith(TORCH_SUFFIXES):
+        raise ValueError(f"cannot read weights from {path!r}: expected a .safetensors, .ckpt, .bin, .pt or .pth file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:
+        if weights_only:
+            raise ValueError(
+                f"{path!r} could not be read with torch.load(weights_only=True) ({exc}); if you trust the file, "
+                "pass weights_only=False"
+            ) from exc
+        raise
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path!r} does not hold a state dict (a mapping of names to tensors, or one under 'state_dict')")
+    return dict(obj)
+
+
+def read_config(config) -> dict:
+    """A config dict from a dict, a path to a json file, or a directory holding config.json."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    raise ValueError(f"config={config!r}; expected a dict, a path to a config.json, or a directory holding one")
+
+
+def locate(path: str, subfolder: Optional[str] = None, config=None, **hub_kwargs) -> Tuple[dict, str]:
+    """(config dict, weights file) for a model directory, a single weights file (its config comes from
+    ``config`` or a config.json beside it) or a Hugging Face Hub repo id."""
+    path = os.fspath(path)
+    local = os.path.join(path, subfolder) if subfolder else path
+    if os.path.isdir(local):
+        weights = next((os.path.join(local, n) for n in WEIGHTS_NAMES if os.path.isfile(os.path.join(local, n))), None)
+        if weights is None:
+            raise ValueError(f"no weights in {local!r}: expected one of {list(WEIGHTS_NAMES)}")
+        return read_config(config if config is not None else local), weights
+    if os.path.isfile(local):
+        if config is None:
+            beside = os.path.join(os.path.dirname(os.path.abspath(local)), CONFIG_NAME)
+            if not os.path.isfile(beside):
+                raise ValueError(
+                    f"{local!r} holds weights only; pass config= (a dict or a config.json path) or put a "
+                    f"{CONFIG_NAME} beside it"
+                )
+            config = beside
+        return read_config(config), local
+    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+        raise ValueError(f"{local!r} does not exist (expected a model directory, a weights file or a hub repo id 'owner/name')")
+    return _from_hub(path, subfolder, config, **hub_kwargs)
+
+
+def _from_hub(repo_id: str, subfolder, config, **hub_kwargs) -> Tuple[dict, str]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    if config is None:
+        config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **kwargs)
+    for name in WEIGHTS_NAMES:
+        try:
+            return read_config(config), hf_hub_download(repo_id, name, subfolder=subfolder, **kwargs)
+        except EntryNotFoundError:
+            continue
+    raise ValueError(f"no weights in hub repo {repo_id!r} (subfolder {subfolder!r}): expected one of {list(WEIGHTS_NAMES)}")
+
+
+def _listing(keys: Iterable[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                     ignored_prefixes: Tuple[str, ...] = IGNORED_PREFIXES) -> Dict[str, torch.Tensor]:
+    """Drop ignored training-only keys, then demand exactly the model's keys with its shapes.
+
+    Returns the filtered state dict; raises ValueError naming every missing, unexpected or
+    mis-shaped key.
+    """
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(ignored_prefixes)}
+    expected = model.state_dict()
+    missing = set(expected) - set(sd)
+    unexpected = set(sd) - set(expected)
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    shapes = [f"{k}: {tuple(sd[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): " + "; ".join(shapes[:20]))
+    if problems:
+        raise ValueError(f"{type(model).__name__}: {source} does not match the model's config: " + "; ".join(problems))
+    return sd

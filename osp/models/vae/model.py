@@ -1,0 +1,335 @@
+"""CausalVideoVAE: Open-Sora-Plan v1.0's causal video VAE (4x8x8 compression) as a diffusers model.
+
+Loads upstream checkpoints unchanged (their config.json with _class_name "CausalVAEModel" and
+state-dict key names, or their Lightning .ckpt), strictly; saves in diffusers layout (safetensors).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from ...nn import CausalConv3d
+from . import checkpoint
+from .blocks import NORM_GROUPS
+from .distribution import DiagonalGaussianDistribution
+from .encoder_decoder import (
+    ATTENTION,
+    CONVS,
+    RESNET_BLOCKS,
+    SPATIAL_DOWNSAMPLE,
+    SPATIAL_UPSAMPLE,
+    TEMPORAL_DOWNSAMPLE,
+    TEMPORAL_UPSAMPLE,
+    Decoder,
+    Encoder,
+    check_levels,
+    check_name,
+)
+
+# Upstream's class name in its config.json; osp's own saves say "CausalVideoVAE".
+UPSTREAM_CLASS_NAMES = ("CausalVAEModel",)
+# Fields of upstream's config that configure its training loss / optimizer, not the autoencoder.
+TRAINING_ONLY_FIELDS = ("loss_type", "loss_params", "lr")
+
+
+class CausalVideoVAE(ModelMixin, ConfigMixin):
+    r"""Causal video VAE of Open-Sora-Plan v1.0 (numerics spec B).
+
+    A Stable-Diffusion-style KL autoencoder in which every conv is a causal 3-D conv (frame 0
+    replicated in front), with temporal resamplers at some levels. With the defaults (upstream's
+    release layout) a clip (B, 3, 1+4k, H, W) in [-1, 1] encodes to latents (B, 4, 1+k, H/8, W/8)
+    and an image (T = 1) to one latent frame.
+
+    Config fields are upstream's config.json fields: ``hidden_size`` C0 and ``hidden_size_mult``
+    (level i has C0*mult[i] channels; every count a multiple of 32 for the 32-group GroupNorm),
+    ``num_res_blocks`` (decoder levels have one more), the per-level module-name lists
+    ``encoder_resnet_blocks`` / ``encoder_spatial_downsample`` / ``encoder_temporal_downsample`` /
+    ``decoder_resnet_blocks`` / ``decoder_spatial_upsample`` / ``decoder_temporal_upsample`` ("" =
+    none at that level), ``encoder_attention`` / ``decoder_attention`` (the mid-block attention:
+    "AttnBlock3D" is upstream's memory-reinterpreting block that the v1.0 weights were trained with,
+    "AttnBlock3DFix" attends per frame and is the default for new models), ``*_conv_in``,
+    ``*_conv_out``, ``q_conv`` ("CausalConv3d"), ``*_mid_resnet`` ("ResnetBlock3D"), ``z_channels``,
+    ``embed_dim``, ``double_z``, ``dropout``, ``attn_resolutions`` (spatial sizes, relative to
+    ``resolution``, at which every level block is followed by attention; [] upstream). Training-only
+    fields (``loss_type``, ``loss_params``, ``lr``) are accepted and dropped. Added by osp:
+    ``in_channels``/``out_channels`` (3) and ``scaling_factor`` (0.18215: multiply posterior samples
+    by it for the diffusion model, divide before ``decode``; the model itself never scales).
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        hidden_size: int = 128,
+        z_channels: int = 4,
+        hidden_size_mult: Sequence[int] = (1, 2, 4, 4),
+        attn_resolutions: Sequence[int] = (),
+        dropout: float = 0.0,
+        resolution: int = 256,
+        double_z: bool = True,
+        embed_dim: int = 4,
+        num_res_blocks: int = 2,
+        q_conv: str = "CausalConv3d",
+        encoder_conv_in: str = "CausalConv3d",
+        encoder_conv_out: str = "CausalConv3d",
+        encoder_attention: str = "AttnBlock3DFix",
+        encoder_resnet_blocks: Sequence[str] = ("ResnetBlock3D",) * 4,
+        encoder_spatial_downsample: Sequence[str] = ("SpatialDownsample2x",) * 3 + ("",),
+        encoder_temporal_downsample: Sequence[str] = ("TimeDownsample2x",) * 2 + ("",) * 2,
+        encoder_mid_resnet: str = "ResnetBlock3D",
+        decoder_conv_in: str = "CausalConv3d",
+        decoder_conv_out: str = "CausalConv3d",
+        decoder_attention: str = "AttnBlock3DFix",
+        decoder_resnet_blocks: Sequence[str] = ("ResnetBlock3D",) * 4,
+        decoder_spatial_upsample: Sequence[str] = ("",) + ("SpatialUpsample2x",) * 3,
+        decoder_temporal_upsample: Sequence[str] = ("",) * 2 + ("TimeUpsample2x",) * 2,
+        decoder_mid_resnet: str = "ResnetBlock3D",
+        in_channels: int = 3,
+        out_channels: int = 3,
+        scaling_factor: float = 0.18215,
+    ):
+        super().__init__()
+        levels = len(hidden_size_mult)
+        _check_config(hidden_size, z_channels, hidden_size_mult, embed_dim, num_res_blocks, in_channels, out_channels)
+        for field, value, allowed in (
+            ("q_conv", q_conv, CONVS), ("encoder_conv_in", encoder_conv_in, CONVS),
+            ("encoder_conv_out", encoder_conv_out, CONVS), ("decoder_conv_in", decoder_conv_in, CONVS),
+            ("decoder_conv_out", decoder_conv_out, CONVS), ("encoder_attention", encoder_attention, ATTENTION),
+            ("decoder_attention", decoder_attention, ATTENTION), ("encoder_mid_resnet", encoder_mid_resnet, RESNET_BLOCKS),
+            ("decoder_mid_resnet", decoder_mid_resnet, RESNET_BLOCKS),
+        ):
+            check_name(field, value, allowed)
+        for field, names, allowed, optional in (
+            ("encoder_resnet_blocks", encoder_resnet_blocks, RESNET_BLOCKS, False),
+            ("encoder_spatial_downsample", encoder_spatial_downsample, SPATIAL_DOWNSAMPLE, True),
+            ("encoder_temporal_downsample", encoder_temporal_downsample, TEMPORAL_DOWNSAMPLE, True),
+            ("decoder_resnet_blocks", decoder_resnet_blocks, RESNET_BLOCKS, False),
+            ("decoder_spatial_upsample", decoder_spatial_upsample, SPATIAL_UPSAMPLE, True),
+            ("decoder_temporal_upsample", decoder_temporal_upsample, TEMPORAL_UPSAMPLE, True),
+        ):
+            check_levels(field, names, levels, allowed, optional)
+        attn_resolutions = list(attn_resolutions or ())
+
+        self.encoder = Encoder(
+            in_channels=in_channels, z_channels=z_channels, hidden_size=hidden_size,
+            hidden_size_mult=hidden_size_mult, num_res_blocks=num_res_blocks, dropout=dropout, double_z=double_z,
+            resnet_blocks=encoder_resnet_blocks, spatial_downsample=encoder_spatial_downsample,
+            temporal_downsample=encoder_temporal_downsample, mid_resnet=encoder_mid_resnet,
+            attention=encoder_attention, attn_resolutions=attn_resolutions, resolution=resolution,
+        )
+        self.decoder = Decoder(
+            out_channels=out_channels, z_channels=z_channels, hidden_size=hidden_size,
+            hidden_size_mult=hidden_size_mult, num_res_blocks=num_res_blocks, dropout=dropout,
+            resnet_blocks=decoder_resnet_blocks, spatial_upsample=decoder_spatial_upsample,
+            temporal_upsample=decoder_temporal_upsample, mid_resnet=decoder_mid_resnet,
+            attention=decoder_attention, attn_resolutions=attn_resolutions, resolution=resolution,
+        )
+        self.quant_conv = CausalConv3d(2 * z_channels if double_z else z_channels, 2 * embed_dim, 1)
+        self.post_quant_conv = CausalConv3d(embed_dim, z_channels, 1)
+
+    # --- geometry -------------------------------------------------------------------------------
+
+    @property
+    def spatial_compression(self) -> int:
+        """H (and W) of a clip over H of its latent: 2 ** (number of spatial downsamples)."""
+        return 2 ** sum(1 for s in self.config.encoder_spatial_downsample if s)
+
+    @property
+    def temporal_compression(self) -> int:
+        """Clips have 1 + k * temporal_compression frames and give 1 + k latent frames."""
+        return 2 ** sum(1 for s in self.config.encoder_temporal_downsample if s)
+
+    def latent_shape(self, shape: Sequence[int]) -> Tuple[int, ...]:
+        """(B, embed_dim, T', H', W') of the latents of a valid clip of shape (B, C, T, H, W)."""
+        B, _, T, H, W = shape
+        s = self.spatial_compression
+        return (B, self.config.embed_dim, (T - 1) // self.temporal_compression + 1, H // s, W // s)
+
+    def _check_clip(self, x: torch.Tensor, pad: bool) -> None:
+        C = self.config.in_channels
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != C:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"CausalVideoVAE.encode: x has shape {shape}; expected (B, {C}, T, H, W)")
+        if pad:
+            return
+        _, _, T, H, W = x.shape
+        tc, s = self.temporal_compression, self.spatial_compression
+        if T < 1 or (T - 1) % tc or H % s or W % s or H == 0 or W == 0:
+            raise ValueError(
+                f"CausalVideoVAE.encode: x has shape {tuple(x.shape)}; expected T = 1 + {tc}*k frames "
+                f"(1, {1 + tc}, {1 + 2 * tc}, ...) and H, W multiples of {s}; pass pad=True to pad the clip "
+                "(replicating its last frame and its bottom/right edge) instead"
+            )
+
+    def pad_clip(self, x: torch.Tensor) -> torch.Tensor:
+        """x padded at the end of time (repeating the last frame) and at the bottom/right (repeating the
+        edge) to the nearest valid shape: T = 1 + k*temporal_compression, H, W multiples of
+        spatial_compression. Returns x itself when already valid."""
+        _, _, T, H, W = x.shape
+        tc, s = self.temporal_compression, self.spatial_compression
+        pt, ph, pw = (-(T - 1)) % tc, (-H) % s, (-W) % s
+        if not (pt or ph or pw):
+            return x
+        return F.pad(x, (0, pw, 0, ph, 0, pt), mode="replicate")
+
+    # --- diffusers interface ------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True, pad: bool = False
+               ) -> Union[AutoencoderKLOutput, Tuple[DiagonalGaussianDistribution]]:
+        """Encode a clip x (B, in_channels, T, H, W) in [-1, 1] into its posterior.
+
+        T must be 1 + k*temporal_compression (1, 5, 9, 17, 65, ...) and H, W multiples of
+        spatial_compression (8), else ValueError; with ``pad=True`` the clip is padded instead (see
+        ``pad_clip``) and the latents describe the padded clip.
+
+        Returns ``AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution)`` over latents
+        (B, embed_dim, 1 + k, H/8, W/8), or ``(latent_dist,)`` when return_dict is False. Unscaled:
+        multiply samples by ``config.scaling_factor`` for the diffusion model.
+        """
+        self._check_clip(x, pad)
+        if pad:
+            x = self.pad_clip(x)
+        moments = self.quant_conv(self.encoder(x))
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
+        """Decode raw (unscaled) latents z (B, embed_dim, T', h, w) into a clip
+        (B, out_channels, 1 + (T'-1)*temporal factor, h*8, w*8). Returns ``DecoderOutput(sample=...)``
+        or ``(sample,)`` when return_dict is False."""
+        E = self.config.embed_dim
+        if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != E:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"CausalVideoVAE.decode: z has shape {shape}; expected (B, {E}, T', h, w)")
+        dec = self.decoder(self.post_quant_conv(z))
+        return DecoderOutput(sample=dec) if return_dict else (dec,)
+
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
+                generator: Optional[torch.Generator] = None, pad: bool = False
+                ) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
+        """Reconstruct ``sample`` through the posterior's mode (or a sample of it). With ``pad=True``
+        the clip is padded for the autoencoder and the reconstruction cropped back to its shape."""
+        posterior = self.encode(sample, pad=pad).latent_dist
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        del posterior
+        dec = self.decode(z).sample
+        if pad:
+            T, H, W = sample.shape[2:]
+            dec = dec[:, :, :T, :H, :W]
+        return DecoderOutput(sample=dec) if return_dict else (dec,)
+
+    def to(self, *args, **kwargs):
+        # diffusers' ModelMixin.to warns about fp32-pinned modules on every dtype cast even when
+        # there are none; this model has none and needs nothing beyond nn.Module.to.
+        return torch.nn.Module.to(self, *args, **kwargs)
+
+    # --- configs and checkpoints -----------------------------------------------------------------
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # Upstream's training-only fields are not the autoencoder's: drop them before diffusers
+        # would warn about them or keep them as hidden config entries.
+        config_dict = {k: v for k, v in config_dict.items() if k not in TRAINING_ONLY_FIELDS}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
+    def _checked_config(cls, config: dict, overrides: dict) -> dict:
+        name = config.get("_class_name")
+        if name is not None and name not in UPSTREAM_CLASS_NAMES + ("CausalVideoVAE", cls.__name__):
+            raise ValueError(
+                f"config has _class_name {name!r}; expected {cls.__name__!r} or upstream's {UPSTREAM_CLASS_NAMES[0]!r}"
+            )
+        known = set(cls._get_init_keys(cls)) - {"self"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_pretrained: unknown config fields {unknown}; expected some of {sorted(known)}")
+        return {**config, **overrides}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, subfolder: Optional[str] = None,
+                        torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
+                        weights_only: bool = True, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                        token: Optional[str] = None, local_files_only: Optional[bool] = None, **config_overrides
+                        ) -> "CausalVideoVAE":
+        """Load a model, strictly: every key the model expects must be present with its shape, and any
+        other key is an error naming it (upstream's training-only ``loss.*`` keys are dropped).
+
+        Args:
+            pretrained_model_name_or_path: a directory with config.json and
+                diffusion_pytorch_model.safetensors (or .bin), as upstream's release and
+                ``save_pretrained`` write; a single weights file (.safetensors, or an upstream Lightning
+                .ckpt whose weights are under "state_dict"), whose config comes from ``config`` or a
+                config.json beside it; or a Hugging Face Hub repo id (with ``subfolder``, e.g. "vae").
+            config: a config dict or path to a config.json, overriding the one found with the weights.
+            torch_dtype: dtype of the loaded parameters (default float32). device: where to put them.
+            weights_only: passed to torch.load for pickled checkpoints; set False only for a trusted
+                file that holds other objects (some Lightning checkpoints do).
+            config_overrides: config fields to replace, e.g. ``encoder_attention="AttnBlock3DFix"``.
+        """
+        cfg, weights_path = checkpoint.locate(
+            pretrained_model_name_or_path, subfolder=subfolder, config=config, revision=revision,
+            cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+        )
+        cfg = cls._checked_config(cfg, config_overrides)
+        with torch.device("meta"):
+            model = cls.from_config(cfg)
+        state_dict = checkpoint.check_state_dict(
+            model, checkpoint.read_weights(weights_path, weights_only=weights_only), source=repr(weights_path)
+        )
+        dtype = torch_dtype or torch.float32
+        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return model.eval()
+
+    @classmethod
+    def from_image_vae(cls, vae2d, init: str = "tail", **config_overrides) -> "CausalVideoVAE":
+        """Inflate a 2-D image VAE into a causal video VAE (see ``osp.models.vae.inflate``).
+
+        Args:
+            vae2d: a diffusers AutoencoderKL, or its state dict in diffusers layout, or a state dict in
+                the original Stable Diffusion (ldm) layout (``encoder.down.0.block.0...``, optionally
+                under ``first_stage_model.``).
+            init: how a k x k 2-D kernel fills the kt temporal taps of a causal 3-D kernel: "tail"
+                (the last tap, which sees the current frame; other taps zero), "center", "average"
+                (w/kt in every tap) or "random" (those convs keep their fresh random init; every
+                other tensor is copied).
+            config_overrides: config fields to set on the new model (e.g. the temporal layout).
+                By default the layout is upstream's: temporal downsampling at the first two encoder
+                levels, upsampling at the last two decoder levels, per-frame attention.
+
+        With "tail", images (T = 1) give the 2-D VAE's latents and reconstructions, and a still
+        clip decodes to that image on every frame (to float rounding).
+        """
+        from .inflate import inflate_image_vae
+
+        return inflate_image_vae(cls, vae2d, init=init, **config_overrides)
+
+
+def _check_config(hidden_size, z_channels, hidden_size_mult, embed_dim, num_res_blocks, in_channels, out_channels):
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    for field, value in (("hidden_size", hidden_size), ("z_channels", z_channels), ("embed_dim", embed_dim),
+                         ("num_res_blocks", num_res_blocks), ("in_channels", in_channels),
+                         ("out_channels", out_channels)):
+        if not positive_int(value):
+            raise ValueError(f"CausalVideoVAE config: {field}={value!r}; expected a positive int")
+    if not isinstance(hidden_size_mult, (list, tuple)) or not hidden_size_mult or not all(
+            positive_int(m) for m in hidden_size_mult):
+        raise ValueError(
+            f"CausalVideoVAE config: hidden_size_mult={hidden_size_mult!r}; expected a non-empty list of positive ints"
+        )
+    for m in (1,) + tuple(hidden_size_mult):
+        if (hidden_size * m) % NORM_GROUPS:
+            raise ValueError(
+                f"CausalVideoVAE config: hidden_size={hidden_size} with mult {m} gives {hidden_size * m} channels, "
+                f"not a multiple of the {NORM_GROUPS} GroupNorm groups"
+            )
