@@ -7,6 +7,7 @@ Each op has a float64 reference (``<op>_reference``) and backends chosen per cal
 from ._dispatch import BACKEND_NAMES, BackendUnavailable, registered_ops, use_backend
 from .causal_conv3d import causal_conv3d, causal_conv3d_reference
 from .group_norm import group_norm, group_norm_reference
+from .modulation import gated_residual, gated_residual_reference, layer_norm_modulate, layer_norm_modulate_reference
 
 __all__ = [
     "BACKEND_NAMES",
@@ -14,7 +15,11 @@ __all__ = [
     "causal_conv3d",
     "causal_conv3d_reference",
     "group_norm",
+    "gated_residual",
+    "gated_residual_reference",
     "group_norm_reference",
+    "layer_norm_modulate",
+    "layer_norm_modulate_reference",
     "registered_ops",
     "use_backend",
 ]

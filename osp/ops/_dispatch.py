@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 logger = logging.getLogger("osp.ops")
 
-BACKEND_NAMES = ("triton", "ext", "torch")
+BACKEND_NAMES = ("triton", "ext", "torch")  # common to most ops; an op may add its own (flash_attn, ...)
 
 
 class BackendUnavailable(RuntimeError):
@@ -71,9 +71,10 @@ def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
         current = {k: v for k, v in current.items() if k != "*"}
         current["*"] = backend
     current.update(per_op)
+    known = set(BACKEND_NAMES).union(*(op.backends for op in _REGISTRY.values()))
     for op, name in current.items():
-        if name not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {name!r} for {op if op != '*' else 'all ops'}; expected one of {BACKEND_NAMES}")
+        if name not in known:
+            raise ValueError(f"unknown backend {name!r} for {op if op != '*' else 'all ops'}; expected one of {sorted(known)}")
     token = _OVERRIDE.set(current)
     try:
         yield
