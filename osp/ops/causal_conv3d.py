@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import Backend, Op
+from ._triton import triton_why_not
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 IntOr3 = Union[int, Sequence[int]]
@@ -167,9 +168,50 @@ def _torch_why_not(x, weight, bias, stride, padding, residual, *, forced):
     return None
 
 
+class _CausalConv3d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, stride, padding):
+        from osp.kernels import causal_conv3d as kernel
+
+        out_shape = output_shape(x.shape, weight.shape, stride, padding)
+        y = kernel.forward(x, weight, bias, stride, padding, residual, out_shape)
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.residual_dtype = residual.dtype if residual is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from osp.kernels import causal_conv3d as kernel
+
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        dy = dy.to(x.dtype)  # the kernels read any strides, so no layout copy is needed
+        dx = kernel.backward_dx(dy, weight, x, ctx.stride, ctx.padding) if need_x else None
+        dw = kernel.backward_dw(dy, x, weight.shape, ctx.stride, ctx.padding).to(weight.dtype) if need_w else None
+        db = dy.sum(dim=(0, 2, 3, 4), dtype=torch.float32).to(ctx.bias_dtype) if need_b else None
+        dr = dy.to(ctx.residual_dtype) if need_r else None
+        return dx, dw, db, dr, None, None
+
+
+def _triton_run(x, weight, bias, stride, padding, residual):
+    return _CausalConv3d.apply(x, weight, bias, residual, stride, padding)
+
+
+def _triton_why_not(x, weight, bias, stride, padding, residual, *, forced):
+    reason = triton_why_not(x, forced=forced)
+    if reason:
+        return reason
+    if x.dtype == torch.float64:
+        return "float64 is computed in fp32 by the kernel; the torch backend keeps float64"
+    return None
+
+
 CAUSAL_CONV3D = Op(
     "causal_conv3d",
     [
+        Backend("triton", _triton_run, _triton_why_not),
         Backend("torch", _torch_run, _torch_why_not),
     ],
 )

@@ -1,0 +1,288 @@
+"""osp.ops.causal_conv3d and osp.nn.CausalConv3d: every backend against the float64 reference,
+forward and all gradients (dx, dweight, dbias, dresidual) under a random upstream gradient."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import osp
+from osp.ops import BackendUnavailable, causal_conv3d, causal_conv3d_reference
+from parity import DEVICE, DTYPES, assert_parity
+
+# (id, (N, Cin, Cout, T, H, W), kernel (kt, kh, kw), stride, spatial padding, residual).
+# T = 1 and 1+4k, odd H and W, channel counts that fill no block, batch > 1, every kt in 1..3 with
+# st 1 and 2 (st 2 with kt 1, 2, 3 puts 0, 1 or 2 replicated frames before an output), the
+# encoder's (1,3,3)/(1,2,2) downsample, 1x1x1 shortcuts with the residual epilogue, and one case
+# wide enough for several channel blocks (the interpreter's blocks hold 64 channels).
+CASES = [
+    ("k333-s111-p1-T5", (2, 3, 5, 5, 7, 6), (3, 3, 3), (1, 1, 1), 1, False),
+    ("k333-s111-p1-T1-res", (1, 4, 8, 1, 5, 7), (3, 3, 3), (1, 1, 1), 1, True),
+    ("k333-s211-p0-T9", (1, 3, 5, 9, 5, 5), (3, 3, 3), (2, 1, 1), 0, False),
+    ("k133-s122-p0-T5", (2, 4, 8, 5, 9, 7), (1, 3, 3), (1, 2, 2), 0, False),
+    ("k311-s211-p0-T9-res", (1, 5, 3, 9, 4, 6), (3, 1, 1), (2, 1, 1), 0, True),
+    ("k211-s111-p0-T5", (2, 3, 5, 5, 3, 5), (2, 1, 1), (1, 1, 1), 0, False),
+    ("k212-s211-p1-T5", (1, 3, 4, 5, 3, 5), (2, 1, 2), (2, 1, 1), 1, False),
+    ("k232-s122-p1-T1", (2, 3, 5, 1, 6, 5), (2, 3, 2), (1, 2, 2), 1, False),
+    ("k323-s211-p1-T5-res", (1, 4, 3, 5, 5, 6), (3, 2, 3), (2, 1, 1), 1, True),
+    ("k333-s222-p1-T9", (1, 3, 4, 9, 7, 8), (3, 3, 3), (2, 2, 2), 1, False),
+    ("k111-s111-p0-T5-res", (2, 3, 5, 5, 4, 3), (1, 1, 1), (1, 1, 1), 0, True),
+    ("k111-C70-T9-res", (1, 70, 70, 9, 3, 3), (1, 1, 1), (1, 1, 1), 0, True),
+]
+LAYOUTS = ["contiguous", "channels_last"]
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_convs(monkeypatch):
+    """fp32 means fp32 here: cuDNN may otherwise run F.conv3d (and the kernel follows it) in tf32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def make_input(shape, layout, dtype, device=DEVICE):
+    """Fresh random x (mean 0.5, std 1.5) in the requested memory layout."""
+    if layout == "strided-view":
+        N, C, T, H, W = shape
+        big = torch.randn(N, 2 * C, T, H, 2 * W, device=device) * 1.5 + 0.5
+        x = big[:, 1::2, ..., ::2]
+        assert x.shape == shape and not x.is_contiguous()
+        return x.to(dtype)
+    x = (torch.randn(shape, device=device) * 1.5 + 0.5).to(dtype)
+    return x.to(memory_format=torch.channels_last_3d) if layout == "channels_last" else x
+
+
+def upstream_causal_conv3d(x, w, b, stride, padding, residual=None):
+    """Open-Sora-Plan's formulation: replicate frame 0 kt-1 times, concatenate, F.conv3d."""
+    kt = w.shape[2]
+    xp = torch.cat([x[:, :, :1].repeat(1, 1, kt - 1, 1, 1), x], dim=2)
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    y = F.conv3d(xp, w, b, stride, (0, ph, pw))
+    return y if residual is None else y + residual
+
+
+def check_against_reference(sizes, kernel, stride, padding, with_residual, layout, dtype, backend, with_bias=True):
+    N, Cin, Cout, T, H, W = sizes
+    torch.manual_seed(hash((sizes, kernel, stride, padding, layout, str(dtype))) % 2**31)
+    x = make_input((N, Cin, T, H, W), layout, dtype)
+    fan_in = Cin * kernel[0] * kernel[1] * kernel[2]
+    w = (torch.randn(Cout, Cin, *kernel, device=DEVICE) / fan_in ** 0.5).to(dtype)
+    b = (torch.randn(Cout, device=DEVICE) * 0.5).to(dtype) if with_bias else None
+    ref_shape = causal_conv3d_reference(x, w, b, stride=stride, padding=padding).shape
+    res = make_input(tuple(ref_shape), layout, dtype) if with_residual else None
+    leaves = [t for t in (x, w, b, res) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+
+    out = causal_conv3d(x, w, b, stride=stride, padding=padding, residual=res, backend=backend)
+    assert out.dtype == dtype
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last_3d), "output must keep channels_last_3d"
+    else:
+        assert out.is_contiguous()
+    dy = torch.randn(out.shape, device=DEVICE).to(dtype)
+    grads = torch.autograd.grad(out, leaves, dy)
+    if layout == "channels_last" and backend == "triton":  # the torch backend's dx is F.conv3d's
+        assert grads[0].stride() == x.stride(), "dx must keep the input's memory format"
+
+    # PyTorch in the same dtype, upstream's way: its error sets the tolerance.
+    torch_out = upstream_causal_conv3d(x, w, b, stride, padding, res)
+    torch_grads = torch.autograd.grad(torch_out, leaves, dy)
+
+    # The float64 reference and its gradients (autograd through the same float64 formulation).
+    leaves64 = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    it = iter(leaves64)
+    x64, w64 = next(it), next(it)
+    b64 = next(it) if with_bias else None
+    r64 = next(it) if with_residual else None
+    ref = upstream_causal_conv3d(x64, w64, b64, stride, padding, r64)
+    assert torch.equal(ref, causal_conv3d_reference(x64, w64, b64, stride=stride, padding=padding, residual=r64))
+    ref_grads = torch.autograd.grad(ref, leaves64, dy.double().cpu())
+
+    assert_parity(out, ref, torch_out, "y")
+    names = ["dx", "dweight"] + (["dbias"] if with_bias else []) + (["dresidual"] if with_residual else [])
+    for name, g, tg, rg in zip(names, grads, torch_grads, ref_grads):
+        assert g.dtype == dtype, f"{name} has dtype {g.dtype}"
+        assert_parity(g, rg, tg, name)
+
+
+PARAMS = [(c[1:], lay) for c in CASES for lay in LAYOUTS]
+PARAM_IDS = [f"{c[0]}-{lay}" for c in CASES for lay in LAYOUTS]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case,layout", PARAMS, ids=PARAM_IDS)
+def test_triton_matches_reference(case, layout, dtype):
+    check_against_reference(*case, layout, dtype, "triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case,layout", PARAMS, ids=PARAM_IDS)
+def test_torch_backend_matches_reference(case, layout, dtype):
+    check_against_reference(*case, layout, dtype, "torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_strided_view_without_bias(backend):
+    check_against_reference((2, 3, 4, 5, 5, 6), (3, 3, 3), (1, 1, 1), 1, True, "strided-view", torch.float32,
+                            backend, with_bias=False)
+
+
+def test_torch_backend_every_kt_stride_and_length():
+    """The head/body split of the torch backend against the reference in float64, exhaustively."""
+    torch.manual_seed(0)
+    for kt, st, T in itertools.product((1, 2, 3, 4), (1, 2, 3), range(1, 8)):
+        x = torch.randn(1, 2, T, 3, 4, dtype=torch.float64, device=DEVICE)
+        w = torch.randn(3, 2, kt, 1, 2, dtype=torch.float64, device=DEVICE)
+        out = causal_conv3d(x, w, stride=(st, 1, 1), backend="torch")
+        ref = causal_conv3d_reference(x, w, stride=(st, 1, 1))
+        assert out.shape[2] == (T - 1) // st + 1
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-12, atol=1e-12, msg=f"kt={kt} st={st} T={T}")
+
+
+def test_causality():
+    """Output frame t depends on input frames <= t only."""
+    x = torch.randn(1, 3, 9, 5, 5, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, 3, device=DEVICE)
+    x2 = x.clone()
+    x2[:, :, 5:] = torch.randn_like(x2[:, :, 5:])
+    for backend in ("triton", "torch"):
+        a = causal_conv3d(x, w, padding=1, backend=backend)
+        b = causal_conv3d(x2, w, padding=1, backend=backend)
+        torch.testing.assert_close(a[:, :, :5], b[:, :, :5], rtol=0, atol=0)
+        assert not torch.allclose(a[:, :, 5:], b[:, :, 5:])
+
+
+def test_only_some_inputs_need_grad():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 5, 4, 5, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, 3, device=DEVICE)
+    b = torch.randn(4, device=DEVICE)
+    ref = upstream_causal_conv3d(x.double(), w.double(), b.double(), (1, 1, 1), 1)
+    # Frozen layer, gradient wanted for the input only; an expanded (stride 0) upstream gradient.
+    xg = x.clone().requires_grad_(True)
+    causal_conv3d(xg, w, b, padding=1, backend="triton").sum().backward()
+    x64 = x.double().requires_grad_(True)
+    upstream_causal_conv3d(x64, w.double(), b.double(), (1, 1, 1), 1).sum().backward()
+    torch.testing.assert_close(xg.grad, x64.grad.float(), rtol=1e-4, atol=1e-4)
+    # Frozen input, trainable weight only.
+    wg = w.clone().requires_grad_(True)
+    dy = torch.randn(ref.shape, device=DEVICE)
+    (dw,) = torch.autograd.grad(causal_conv3d(x, wg, b, padding=1, backend="triton"), (wg,), dy)
+    w64 = w.double().requires_grad_(True)
+    (rdw,) = torch.autograd.grad(upstream_causal_conv3d(x.double(), w64, b.double(), (1, 1, 1), 1), (w64,), dy.double())
+    torch.testing.assert_close(dw, rdw.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_parameter_dtype_follows_the_input():
+    """fp32 parameters with an fp16 input compute in fp16; gradients come back in each leaf's dtype."""
+    x = torch.randn(1, 3, 5, 4, 4, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(4, 3, 2, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(4, device=DEVICE, requires_grad=True)
+    for backend in ("triton", "torch"):
+        out = causal_conv3d(x, w, b, padding=1, backend=backend)
+        assert out.dtype == torch.float16
+        dx, dw, db = torch.autograd.grad(out.float().sum(), (x, w, b))
+        assert (dx.dtype, dw.dtype, db.dtype) == (torch.float16, torch.float32, torch.float32)
+
+
+def test_dispatch_reasons():
+    x = torch.randn(1, 3, 5, 4, 4, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, 3, device=DEVICE)
+    op = osp.ops.registered_ops()["causal_conv3d"]
+    args = (x.double(), w.double(), None, (1, 1, 1), (1, 1), None)
+    assert op.explain(*args)["torch"] is None
+    assert "float64" in op.backends["triton"].why_not(*args, forced=True)
+    if DEVICE == "cpu":  # chosen automatically, the interpreter declines; forced, it runs
+        assert "interpreter" in op.explain(*args[:2], *args[2:])["triton"]
+        assert op.backends["triton"].why_not(x, w, None, (1, 1, 1), (1, 1), None, forced=True) is None
+    with pytest.raises(BackendUnavailable, match="float64"):
+        causal_conv3d(x.double(), w.double(), backend="triton")
+    with osp.ops.use_backend(causal_conv3d="torch"):
+        torch.testing.assert_close(causal_conv3d(x, w, padding=1), upstream_causal_conv3d(x, w, None, (1, 1, 1), 1))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="2**31 elements need a GPU (under the interpreter it would take hours)")
+def test_int64_offsets_past_two_to_the_31():
+    N, C, T, H, W = 1, 16, 9, 4096, 4096  # 2.4e9 elements
+    x = torch.randn(N, C, T, H, W, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(C, C, 1, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.1
+    out = causal_conv3d(x, w, padding=1, backend="triton")
+    last = F.conv3d(x[:, :, -1:], w, padding=(0, 1, 1))  # the last frame lives past element 2**31
+    err = (out[:, :, -1:].float() - last.float()).abs().max().item()
+    assert err < 5e-2, f"last frame (beyond 2**31 elements) off by {err}"
+    del out
+    dy = torch.zeros(N, C, T, H, W, device="cuda", dtype=torch.bfloat16)
+    dy[:, :, -1] = torch.randn(N, C, H, W, device="cuda", dtype=torch.bfloat16)
+    from osp.kernels import causal_conv3d as kernel
+    dx = kernel.backward_dx(dy, w, x, (1, 1, 1), (1, 1))
+    ref = torch.nn.grad.conv2d_input((N, C, H, W), w[:, :, 0].float(), dy[:, :, -1].float(), padding=1)
+    err = (dx[:, :, -1].float() - ref).abs().max().item()
+    assert err < 5e-2 * max(1.0, ref.abs().max().item()), f"dx of the last frame off by {err}"
+
+
+X = torch.randn(2, 3, 5, 6, 6)
+WGT = torch.randn(4, 3, 3, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: causal_conv3d(torch.randn(2, 3, 6, 6), WGT), r"shape \(2, 3, 6, 6\) \(rank 4\); expected \(N, Cin, T, H, W\)"),
+        (lambda: causal_conv3d(X.long(), WGT), r"x has dtype torch.int64"),
+        (lambda: causal_conv3d(X, torch.randn(4, 3, 3, 3)), r"weight has shape \(4, 3, 3, 3\) \(rank 4\)"),
+        (lambda: causal_conv3d(X, torch.randn(4, 2, 3, 3, 3)), r"x has Cin=3 channels but weight \(4, 2, 3, 3, 3\) expects Cin=2"),
+        (lambda: causal_conv3d(X, WGT.int()), r"weight has dtype torch.int32"),
+        (lambda: causal_conv3d(X, WGT, torch.randn(5)), r"bias has shape \(5,\); expected \(4,\)"),
+        (lambda: causal_conv3d(X, WGT, stride=0), r"stride=0; expected a positive int or 3"),
+        (lambda: causal_conv3d(X, WGT, stride=(1, 2)), r"stride=\(1, 2\)"),
+        (lambda: causal_conv3d(X, WGT, padding=-1), r"padding=-1; expected a non-negative int or 2"),
+        (lambda: causal_conv3d(X, WGT, padding=(1, 1, 1)), r"padding=\(1, 1, 1\).*time is never zero-padded"),
+        (lambda: causal_conv3d(X, WGT, residual=torch.randn(2, 4, 5, 4, 5)),
+         r"residual has shape \(2, 4, 5, 4, 5\); expected the output's shape \(2, 4, 5, 4, 4\)"),
+        (lambda: causal_conv3d(X, WGT, residual=torch.ones(2, 4, 5, 4, 4, dtype=torch.int64)), r"residual has dtype torch.int64"),
+        (lambda: causal_conv3d(torch.randn(2, 3, 5, 2, 6), WGT), r"output size \(2, 4, 5, 0, 4\) has a dim <= 0"),
+        (lambda: causal_conv3d(torch.randn(2, 3, 0, 6, 6), WGT), r"output size \(2, 4, 0, 4, 4\)"),
+        (lambda: causal_conv3d(X, WGT.to("meta")), r"weight is on meta but x is on cpu"),
+        (lambda: causal_conv3d(X, WGT, backend="cuda"), r"unknown backend 'cuda'"),
+    ],
+    ids=["x-rank-4", "x-integer", "weight-rank-4", "channel-mismatch", "weight-integer", "bias-size", "zero-stride",
+         "stride-2-tuple", "negative-padding", "temporal-padding", "residual-shape", "residual-integer",
+         "output-empty", "zero-frames", "device-mismatch", "unknown-backend"],
+)
+def test_bad_arguments_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_nn_causal_conv3d_matches_upstream():
+    torch.manual_seed(0)
+    m = osp.nn.CausalConv3d(4, 8, 3, padding=1).to(DEVICE)
+    assert set(m.state_dict()) == {"conv.weight", "conv.bias"}
+    assert isinstance(m.conv, torch.nn.Conv3d) and m.conv.padding == (0, 0, 0)
+    # Upstream's state dict loads without conversion.
+    upstream = torch.nn.Conv3d(4, 8, 3).to(DEVICE)
+    m.load_state_dict({"conv." + k: v for k, v in upstream.state_dict().items()})
+    x = make_input((2, 4, 5, 6, 7), "channels_last", torch.float32)
+    expected = upstream_causal_conv3d(x, upstream.weight, upstream.bias, (1, 1, 1), 1)
+    for backend in ("triton", "torch"):
+        with osp.ops.use_backend(backend):
+            torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+            r = torch.randn_like(expected)
+            torch.testing.assert_close(m(x, residual=r), expected + r, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    m(x).square().sum().backward()
+    assert m.conv.weight.grad is not None and m.conv.bias.grad is not None and x.grad is not None
+
+    down = osp.nn.CausalConv3d(3, 5, (1, 3, 3), stride=(1, 2, 2))
+    assert down.kernel_size == (1, 3, 3) and down.stride == (1, 2, 2) and down.padding == (0, 0)
+    assert down(torch.randn(1, 3, 5, 9, 9)).shape == (1, 5, 5, 4, 4)
+    assert osp.nn.CausalConv3d(3, 5, 3, padding=(2, 1, 0)).padding == (1, 0)
+    assert osp.nn.CausalConv3d(3, 5, 3, padding=(0, 1, 1)).padding == (1, 1)
+    assert set(osp.nn.CausalConv3d(3, 5, 1, bias=False).state_dict()) == {"conv.weight"}
+    assert "causal" in repr(m)
+    with pytest.raises(ValueError, match=r"padding=\(1, 1, 1\) asks for temporal padding 1"):
+        osp.nn.CausalConv3d(3, 5, 3, padding=(1, 1, 1))
+    with pytest.raises(ValueError, match=r"kernel_size=\(3, 3\)"):
+        osp.nn.CausalConv3d(3, 5, (3, 3))
+    with pytest.raises(ValueError, match=r"CausalConv3d: stride=-1"):
+        osp.nn.CausalConv3d(3, 5, 3, stride=-1)
