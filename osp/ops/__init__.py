@@ -5,6 +5,7 @@ Each op has a float64 reference (``<op>_reference``) and backends chosen per cal
 ``OSP_BACKEND``) and ``python -m osp info`` for what is usable here.
 """
 from ._dispatch import BACKEND_NAMES, BackendUnavailable, registered_ops, use_backend
+from .attention import attention, attention_reference
 from .causal_conv3d import causal_conv3d, causal_conv3d_reference
 from .group_norm import group_norm, group_norm_reference
 from .modulation import gated_residual, gated_residual_reference, layer_norm_modulate, layer_norm_modulate_reference
@@ -12,6 +13,8 @@ from .modulation import gated_residual, gated_residual_reference, layer_norm_mod
 __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailable",
+    "attention",
+    "attention_reference",
     "causal_conv3d",
     "causal_conv3d_reference",
     "group_norm",
