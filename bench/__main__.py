@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmark suites bench/bench_<op>.py and report them.
 
-Usage: python -m bench [--ops group_norm,...] [--quick] [--interpret] [--no-save]
+Usage: python -m bench [--ops group_norm,...] [--quick] [--interpret] [--threads N] [--no-save]
                        [--results PATH] [--plot PNG] [--markdown PATH]
 
 The device is CUDA when available, else CPU. On CPU the Triton rows run only with --interpret
@@ -26,11 +26,13 @@ def available_ops() -> List[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0].strip("`"))
+    p = argparse.ArgumentParser(prog="python -m bench", description="Run the benchmark suites bench/bench_<op>.py and report them.")
     p.add_argument("--ops", help=f"comma list of ops to run (default: all of {', '.join(available_ops())})")
     p.add_argument("--quick", action="store_true", help="a few cases per op (the first shape)")
     p.add_argument("--interpret", action="store_true",
                    help="on CPU, set TRITON_INTERPRET=1 and run the Triton rows through the interpreter")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's own); 1 keeps CPU timings steady on a busy machine")
     p.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
     p.add_argument("--results", type=Path, default=None,
                    help="results file to append to (default: bench/results/results.jsonl)")
@@ -51,6 +53,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import torch
 
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads {args.threads}; expected a positive int", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.interpret and device == "cpu":
         # The interpreter is chosen when triton is imported, so it must be set before any import.
