@@ -246,7 +246,12 @@ def _precision(dtype: torch.dtype) -> Tuple[bool, bool]:
     return False, dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
 
-def _gemm_blocks(m: int, n: int, k: int) -> Tuple[int, int, int, int, int]:
+def _stages(dtype: torch.dtype) -> int:
+    """Software-pipeline depth: three 128x64 + 64x128 tile pairs fit shared memory in 16 bits."""
+    return 3 if dtype in (torch.float16, torch.bfloat16) else 2
+
+
+def _gemm_blocks(m: int, n: int, k: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x n, reduced over k) tile grid."""
     if _interpreting():
         # Per-program cost dominates the interpreter: few, large programs.
@@ -255,7 +260,7 @@ def _gemm_blocks(m: int, n: int, k: int) -> Tuple[int, int, int, int, int]:
     bk = _block(k, 16, 64)
     bm = 128
     warps = 8 if bm * bn >= 128 * 128 else 4
-    return bm, bn, bk, warps, 3
+    return bm, bn, bk, warps, _stages(dtype)
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -280,7 +285,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     wt = _permuted_weight(weight, x.dtype)
     y = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
     M = N * T_out * H_out * W_out
-    bm, bn, bk, warps, stages = _gemm_blocks(M, Cout, Cin)
+    bm, bn, bk, warps, stages = _gemm_blocks(M, Cout, Cin, x.dtype)
     upcast, ieee = _precision(x.dtype)
     grid = (triton.cdiv(M, bm), triton.cdiv(Cout, bn))
     r = residual if residual is not None else y
@@ -305,7 +310,7 @@ def backward_dx(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride,
     wt = _permuted_weight(weight, x.dtype)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
     M = N * T * H * W
-    bm, bn, bk, warps, stages = _gemm_blocks(M, Cin, Cout)
+    bm, bn, bk, warps, stages = _gemm_blocks(M, Cin, Cout, x.dtype)
     upcast, ieee = _precision(x.dtype)
     grid = (triton.cdiv(M, bm), triton.cdiv(Cin, bn))
     _dx_kernel[grid](
@@ -332,7 +337,7 @@ def backward_dw(dy: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding
         b_co, b_ci, b_p, warps, stages = _block(Cout, 16, 64), _block(Cin, 16, 64), _block(P, 16, 512), 4, 1
     else:
         b_co, b_ci, b_p = _block(Cout, 16, 128), _block(Cin, 16, 128), 64
-        warps, stages = (8 if b_co * b_ci >= 128 * 128 else 4), 3
+        warps, stages = (8 if b_co * b_ci >= 128 * 128 else 4), _stages(x.dtype)
     n_cob, n_cib = triton.cdiv(Cout, b_co), triton.cdiv(Cin, b_ci)
     p_blocks = triton.cdiv(P, b_p)
     if _interpreting():

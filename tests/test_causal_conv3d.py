@@ -203,13 +203,15 @@ def test_dispatch_reasons():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="2**31 elements need a GPU (under the interpreter it would take hours)")
 def test_int64_offsets_past_two_to_the_31():
-    N, C, T, H, W = 1, 16, 9, 4096, 4096  # 2.4e9 elements
+    # 2.4e9 elements; in NCDHW the last frame of channels >= 15 lies past element 2**31, and kt = 1
+    # makes that frame's output depend on that frame alone.
+    N, C, T, H, W = 1, 16, 9, 4096, 4096
     x = torch.randn(N, C, T, H, W, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(C, C, 1, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.1
     out = causal_conv3d(x, w, padding=1, backend="triton")
-    last = F.conv3d(x[:, :, -1:], w, padding=(0, 1, 1))  # the last frame lives past element 2**31
-    err = (out[:, :, -1:].float() - last.float()).abs().max().item()
-    assert err < 5e-2, f"last frame (beyond 2**31 elements) off by {err}"
+    last = F.conv3d(x[:, :, -1:].float(), w.float(), padding=(0, 1, 1))
+    err = (out[:, :, -1:].float() - last).abs().max().item()
+    assert err < 2e-2 * max(1.0, last.abs().max().item()), f"last frame (beyond 2**31 elements) off by {err}"
     del out
     dy = torch.zeros(N, C, T, H, W, device="cuda", dtype=torch.bfloat16)
     dy[:, :, -1] = torch.randn(N, C, H, W, device="cuda", dtype=torch.bfloat16)
@@ -217,7 +219,7 @@ def test_int64_offsets_past_two_to_the_31():
     dx = kernel.backward_dx(dy, w, x, (1, 1, 1), (1, 1))
     ref = torch.nn.grad.conv2d_input((N, C, H, W), w[:, :, 0].float(), dy[:, :, -1].float(), padding=1)
     err = (dx[:, :, -1].float() - ref).abs().max().item()
-    assert err < 5e-2 * max(1.0, ref.abs().max().item()), f"dx of the last frame off by {err}"
+    assert err < 2e-2 * max(1.0, ref.abs().max().item()), f"dx of the last frame off by {err}"
 
 
 X = torch.randn(2, 3, 5, 6, 6)
