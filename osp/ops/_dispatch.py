@@ -12,6 +12,7 @@ raises BackendUnavailable listing every backend's reason. The choice is logged o
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import logging
 import os
@@ -47,6 +48,7 @@ _REGISTRY: Dict[str, "Op"] = {}
 _LOGGED: set = set()
 
 
+@functools.lru_cache(maxsize=16)
 def _parse_env(value: str) -> Dict[str, str]:
     """'torch' -> {'*': 'torch'}; 'group_norm=triton,attention=torch' -> per-op mapping."""
     out: Dict[str, str] = {}
