@@ -214,6 +214,9 @@ CAUSAL_CONV3D = Op(
         Backend("triton", _triton_run, _triton_why_not),
         Backend("torch", _torch_run, _torch_why_not),
     ],
+    probe=lambda device, dtype: ((torch.randn(1, 8, 5, 8, 8, device=device, dtype=dtype),
+                                  torch.randn(8, 8, 3, 3, 3, device=device, dtype=dtype), None,
+                                  (1, 1, 1), (1, 1), None), {}),
 )
 
 
