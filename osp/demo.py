@@ -25,34 +25,94 @@ from osp.testing import parity  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _grads(out, inputs, dy):
-    return torch.autograd.grad(out, inputs, dy)
+def _rows(case: str, run: Callable, torch_fn: Callable, tensors: Dict[str, torch.Tensor]) -> List[tuple]:
+    """Parity rows for the output and every input gradient of ``run(*tensors)``.
 
-
-def check_group_norm(backend: str, dtype: torch.dtype) -> List[tuple]:
-    """(case, output, Parity) rows for y, dx, dweight, dbias of GroupNorm+SiLU on a small VAE-like clip."""
-    torch.manual_seed(0)
-    shape, groups = (2, 64, 5, 12, 10), 32
-    x = (torch.randn(shape, device=DEVICE) * 2 + 1).to(dtype).to(memory_format=torch.channels_last_3d)
-    w = torch.randn(64, device=DEVICE).to(dtype)
-    b = torch.randn(64, device=DEVICE).to(dtype)
-    leaves = [t.requires_grad_(True) for t in (x, w, b)]
-    dy = torch.randn(shape, device=DEVICE).to(dtype)
-
-    out = ops.group_norm(x, groups, w, b, 1e-6, act="silu", backend=backend)
-    torch_out = F.silu(F.group_norm(x, groups, w, b, 1e-6))
+    ``torch_fn`` is the plain PyTorch formula: evaluated in the tested dtype it sets the tolerance,
+    evaluated on float64 copies it is the reference.
+    """
+    names = list(tensors)
+    leaves = [t.detach().requires_grad_(True) for t in tensors.values()]
+    out = run(*leaves)
+    dy = torch.randn(out.shape, device=out.device).to(out.dtype)
+    torch_out = torch_fn(*leaves)
     leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
-    ref = F.silu(F.group_norm(leaves64[0], groups, leaves64[1], leaves64[2], 1e-6))
-    case = f"{'x'.join(map(str, shape))} G={groups} silu ndhwc"
-    rows = [(case, "y", parity(out, ref.detach(), torch_out))]
-    for name, g, tg, rg in zip(("dx", "dweight", "dbias"), _grads(out, leaves, dy), _grads(torch_out, leaves, dy),
-                               _grads(ref, leaves64, dy.double())):
-        rows.append((case, name, parity(g, rg, tg)))
+    ref = torch_fn(*leaves64)
+    rows = [(case, "out", parity(out, ref.detach(), torch_out))]
+    grads = torch.autograd.grad(out, leaves, dy)
+    torch_grads = torch.autograd.grad(torch_out, leaves, dy)
+    ref_grads = torch.autograd.grad(ref, leaves64, dy.double())
+    for name, g, tg, rg in zip(names, grads, torch_grads, ref_grads):
+        rows.append((case, f"d{name}", parity(g, rg, tg)))
     return rows
 
 
+def _randn(*shape, dtype, scale=1.0, shift=0.0):
+    return (torch.randn(shape, device=DEVICE) * scale + shift).to(dtype)
+
+
+def check_group_norm(backend: str, dtype: torch.dtype) -> List[tuple]:
+    """GroupNorm+SiLU on a small VAE-like clip, channels_last_3d; grads of x, weight, bias."""
+    x = _randn(2, 64, 5, 12, 10, dtype=dtype, scale=2, shift=1).to(memory_format=torch.channels_last_3d)
+    return _rows("2x64x5x12x10 G=32 silu ndhwc",
+                 lambda x, w, b: ops.group_norm(x, 32, w, b, 1e-6, act="silu", backend=backend),
+                 lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-6)),
+                 dict(x=x, weight=_randn(64, dtype=dtype), bias=_randn(64, dtype=dtype)))
+
+
+def check_causal_conv3d(backend: str, dtype: torch.dtype) -> List[tuple]:
+    """k=3 causal conv with spatial padding 1 and a residual; grads of x, weight, bias, residual."""
+    def upstream(x, w, b, r):  # replicate the first frame kt-1 times, then conv3d
+        x = torch.cat([x[:, :, :1]] * 2 + [x], dim=2)
+        return F.conv3d(x, w, b, padding=(0, 1, 1)) + r
+
+    x = _randn(1, 8, 5, 9, 7, dtype=dtype).to(memory_format=torch.channels_last_3d)
+    return _rows("1x8->12x5x9x7 k3 p1 +residual ndhwc",
+                 lambda x, w, b, r: ops.causal_conv3d(x, w, b, padding=1, residual=r, backend=backend), upstream,
+                 dict(x=x, weight=_randn(12, 8, 3, 3, 3, dtype=dtype, scale=0.2), bias=_randn(12, dtype=dtype),
+                      residual=_randn(1, 12, 5, 9, 7, dtype=dtype)))
+
+
+def check_attention(backend: str, dtype: torch.dtype) -> List[tuple]:
+    """Cross-attention with a key padding mask, head dim 72; grads of q, k, v."""
+    mask = torch.ones(2, 19, dtype=torch.bool, device=DEVICE)
+    mask[0, 11:] = False
+
+    def plain(q, k, v):
+        logits = (q @ k.transpose(-1, -2)) / 72 ** 0.5
+        return logits.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1) @ v
+
+    return _rows("q 2x2x24x72, kv 19 masked", lambda q, k, v: ops.attention(q, k, v, key_padding_mask=mask,
+                                                                          backend=backend),
+                 plain, dict(q=_randn(2, 2, 24, 72, dtype=dtype), k=_randn(2, 2, 19, 72, dtype=dtype),
+                             v=_randn(2, 2, 19, 72, dtype=dtype)))
+
+
+def check_layer_norm_modulate(backend: str, dtype: torch.dtype) -> List[tuple]:
+    """LN + adaLN modulation, one (shift, scale) row per batch entry; grads of x, shift, scale."""
+    return _rows("x 4x17x72, mods 4x1x72",
+                 lambda x, sh, sc: ops.layer_norm_modulate(x, sh, sc, backend=backend),
+                 lambda x, sh, sc: F.layer_norm(x, (72,), eps=1e-6) * (1 + sc) + sh,
+                 dict(x=_randn(4, 17, 72, dtype=dtype, scale=2), shift=_randn(4, 1, 72, dtype=dtype, scale=0.5),
+                      scale=_randn(4, 1, 72, dtype=dtype, scale=0.5)))
+
+
+def check_gated_residual(backend: str, dtype: torch.dtype) -> List[tuple]:
+    """x + gate * y; grads of x, gate, y."""
+    return _rows("x 4x17x72, gate 4x1x72", lambda x, g, y: ops.gated_residual(x, g, y, backend=backend),
+                 lambda x, g, y: x + g * y,
+                 dict(x=_randn(4, 17, 72, dtype=dtype), gate=_randn(4, 1, 72, dtype=dtype),
+                      y=_randn(4, 17, 72, dtype=dtype)))
+
+
 # Per op: check(backend, dtype) -> [(case, output name, Parity)].
-CHECKS: Dict[str, Callable[[str, torch.dtype], List[tuple]]] = {"group_norm": check_group_norm}
+CHECKS: Dict[str, Callable[[str, torch.dtype], List[tuple]]] = {
+    "group_norm": check_group_norm,
+    "causal_conv3d": check_causal_conv3d,
+    "attention": check_attention,
+    "layer_norm_modulate": check_layer_norm_modulate,
+    "gated_residual": check_gated_residual,
+}
 
 
 def parity_table() -> bool:
