@@ -108,24 +108,24 @@ class TimeUpsample2x(nn.Module):
         return torch.cat([x[:, :, :1], rest], dim=2)
 
 
-def _sdpa_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(E)) v for (B, G, L, E) inputs, in chunks of G so that a math-fallback
-    call never holds more than _ATTN_SCORES_BUDGET scores; returns (B, G, L, E)."""
+def _attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(E)) v for (B, G, L, E) inputs through ``osp.ops.attention``, in chunks of
+    G so that a backend that materializes the scores (the torch math fallback, which is what runs
+    for E = 512 where no fused kernel does) never holds more than _ATTN_SCORES_BUDGET of them."""
     B, G, L, _ = q.shape
     step = max(1, _ATTN_SCORES_BUDGET // max(1, B * L * L))
     if step >= G:
-        return F.scaled_dot_product_attention(q, k, v)
-    return torch.cat(
-        [F.scaled_dot_product_attention(q[:, g:g + step], k[:, g:g + step], v[:, g:g + step]) for g in range(0, G, step)],
-        dim=1,
-    )
+        return ops.attention(q, k, v)
+    return torch.cat([ops.attention(q[:, g:g + step], k[:, g:g + step], v[:, g:g + step]) for g in range(0, G, step)],
+                     dim=1)
 
 
 class AttnBlock3D(nn.Module):
     """Single-head self-attention over the H*W positions, scale 1/sqrt(C), with a residual.
 
-    ``norm`` (GroupNorm), then ``q``, ``k``, ``v`` (1x1x1 convs, computed as one fused conv), attention,
-    ``proj_out`` (1x1x1) with the input added. Two behaviours, selected by ``per_frame``:
+    ``norm`` (GroupNorm), then ``q``, ``k``, ``v`` (1x1x1 convs, computed as one fused conv), attention
+    (``osp.ops.attention``, one head of C features), ``proj_out`` (1x1x1) with the input added. Two
+    behaviours, selected by ``per_frame``:
 
     - ``per_frame=False`` (upstream's "AttnBlock3D", which the v1.0 weights were trained with): each
       sample's contiguous (C, T, H, W) q/k/v memory is reinterpreted, with no permute, as T groups of
@@ -155,12 +155,12 @@ class AttnBlock3D(nn.Module):
         # Each chunk is one dense (C, T, H, W) block per sample, so the views below copy nothing.
         if self.per_frame:
             q, k, v = (y.permute(0, 2, 3, 4, 1).reshape(b, t, h * w, c) for y in qkv.chunk(3, dim=1))
-            out = _sdpa_chunked(q, k, v)  # (b, t, hw, c)
+            out = _attention_chunked(q, k, v)  # (b, t, hw, c)
             del q, k, v, qkv
             out = out.permute(0, 3, 1, 2).reshape(b, c, t, h, w).contiguous()
         else:
             q, k, v = (y.reshape(b, t, c, h * w).transpose(-1, -2) for y in qkv.chunk(3, dim=1))
-            out = _sdpa_chunked(q, k, v)  # (b, t, hw, c): group t, position, pseudo-channel
+            out = _attention_chunked(q, k, v)  # (b, t, hw, c): group t, position, pseudo-channel
             del q, k, v, qkv
             out = out.transpose(-1, -2).reshape(b, c, t, h, w)
         return self.proj_out(out, residual=x)
