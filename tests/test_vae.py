@@ -493,6 +493,17 @@ def test_shapes(T, latent_T):
     assert rec.shape == x.shape and torch.isfinite(rec).all()
 
 
+def test_attn_resolutions_add_attention_inside_levels():
+    """attn_resolutions (empty upstream) puts attention after every block of the levels whose spatial
+    size, counted from ``resolution``, is listed: here the coarsest level of both halves."""
+    model = tiny_vae(attn_resolutions=[32], resolution=256)
+    keys = model.state_dict().keys()
+    assert {k.split(".attn.")[0] for k in keys if ".attn." in k} == {"encoder.down.3", "decoder.up.3"}
+    assert "encoder.down.3.attn.0.q.conv.weight" in keys and "decoder.up.3.attn.1.proj_out.conv.bias" in keys
+    with torch.no_grad():
+        assert model(clip(1, 3, 5, 16, 16)).sample.shape == (1, 3, 5, 16, 16)
+
+
 def test_posterior_and_tuple_outputs():
     model = tiny_vae()
     x = clip(1, 3, 5, 16, 16)
@@ -575,8 +586,15 @@ def test_save_pretrained_round_trip(tmp_path):
     x = clip(1, 3, 5, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).sample, model(x).sample, rtol=0, atol=0)
-    half = CausalVideoVAE.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    half = CausalVideoVAE.from_pretrained(tmp_path, torch_dtype=torch.float16, low_cpu_mem_usage=True)
     assert {p.dtype for p in half.parameters()} == {torch.float16}
+    model.save_pretrained(tmp_path / "variant", variant="fp16")
+    assert (tmp_path / "variant" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert_same_weights(model, CausalVideoVAE.from_pretrained(tmp_path / "variant", variant="fp16"))
+    with pytest.raises(ValueError, match="no weights"):
+        CausalVideoVAE.from_pretrained(tmp_path, use_safetensors=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        CausalVideoVAE.from_pretrained(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("weights", ["safetensors", "bin"])
@@ -598,7 +616,7 @@ def test_upstream_directory_loads(tmp_path, weights):
     assert "loss_type" not in loaded.config
     fixed = CausalVideoVAE.from_pretrained(tmp_path, encoder_attention="AttnBlock3DFix")
     assert fixed.encoder.mid.attn_1.per_frame and not fixed.decoder.mid.attn_1.per_frame
-    with pytest.raises(ValueError, match="unknown config fields"):
+    with pytest.raises(ValueError, match="unknown arguments or config fields"):
         CausalVideoVAE.from_pretrained(tmp_path, encoder_attn="AttnBlock3DFix")
 
 

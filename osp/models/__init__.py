@@ -6,6 +6,9 @@ Submodules are imported on first use, so ``import osp.models`` stays cheap and `
 import importlib
 
 _EXPORTS = {"CausalVideoVAE": ".vae", "DiagonalGaussianDistribution": ".vae"}
+_EXPORTS.update({"LatteT2V": ".dit", "LatteClass": ".dit", "Latte": ".dit", "LATTE_T2V_XL_122": ".dit"})
+_EXPORTS.update({"T5TextEncoder": ".text", "TinyTextEncoder": ".text", "TextEmbeddingCache": ".text",
+                 "CachedTextEncoder": ".text"})
 
 __all__ = sorted(_EXPORTS)
 

@@ -56,15 +56,28 @@ def read_config(config) -> dict:
     raise ValueError(f"config={config!r}; expected a dict, a path to a config.json, or a directory holding one")
 
 
-def locate(path: str, subfolder: Optional[str] = None, config=None, **hub_kwargs) -> Tuple[dict, str]:
+def weights_names(variant: Optional[str] = None, use_safetensors: Optional[bool] = None) -> Tuple[str, ...]:
+    """The weight file names of a model directory, in the order they are looked for (diffusers' names;
+    a variant such as "fp16" goes before the suffix)."""
+    names = WEIGHTS_NAMES
+    if use_safetensors is not None:
+        names = tuple(n for n in names if n.endswith(".safetensors") == use_safetensors)
+    if variant:
+        names = tuple(n.replace(".", f".{variant}.", 1) for n in names)
+    return names
+
+
+def locate(path, subfolder: Optional[str] = None, config=None, variant: Optional[str] = None,
+           use_safetensors: Optional[bool] = None, **hub_kwargs) -> Tuple[dict, str]:
     """(config dict, weights file) for a model directory, a single weights file (its config comes from
     ``config`` or a config.json beside it) or a Hugging Face Hub repo id."""
     path = os.fspath(path)
     local = os.path.join(path, subfolder) if subfolder else path
+    names = weights_names(variant, use_safetensors)
     if os.path.isdir(local):
-        weights = next((os.path.join(local, n) for n in WEIGHTS_NAMES if os.path.isfile(os.path.join(local, n))), None)
+        weights = next((os.path.join(local, n) for n in names if os.path.isfile(os.path.join(local, n))), None)
         if weights is None:
-            raise ValueError(f"no weights in {local!r}: expected one of {list(WEIGHTS_NAMES)}")
+            raise ValueError(f"no weights in {local!r}: expected one of {list(names)}")
         return read_config(config if config is not None else local), weights
     if os.path.isfile(local):
         if config is None:
@@ -78,22 +91,22 @@ def locate(path: str, subfolder: Optional[str] = None, config=None, **hub_kwargs
         return read_config(config), local
     if path.count("/") != 1 or path.startswith((".", "/", "~")):
         raise ValueError(f"{local!r} does not exist (expected a model directory, a weights file or a hub repo id 'owner/name')")
-    return _from_hub(path, subfolder, config, **hub_kwargs)
+    return _from_hub(path, subfolder, config, names, **hub_kwargs)
 
 
-def _from_hub(repo_id: str, subfolder, config, **hub_kwargs) -> Tuple[dict, str]:
+def _from_hub(repo_id: str, subfolder, config, names, **hub_kwargs) -> Tuple[dict, str]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError
 
     kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
     if config is None:
         config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **kwargs)
-    for name in WEIGHTS_NAMES:
+    for name in names:
         try:
             return read_config(config), hf_hub_download(repo_id, name, subfolder=subfolder, **kwargs)
         except EntryNotFoundError:
             continue
-    raise ValueError(f"no weights in hub repo {repo_id!r} (subfolder {subfolder!r}): expected one of {list(WEIGHTS_NAMES)}")
+    raise ValueError(f"no weights in hub repo {repo_id!r} (subfolder {subfolder!r}): expected one of {list(names)}")
 
 
 def _listing(keys: Iterable[str], limit: int = 20) -> str:

@@ -249,15 +249,20 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         known = set(cls._get_init_keys(cls)) - {"self"}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"{cls.__name__}.from_pretrained: unknown config fields {unknown}; expected some of {sorted(known)}")
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: unknown arguments or config fields {unknown}; config fields are "
+                f"{sorted(known)}"
+            )
         return {**config, **overrides}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, subfolder: Optional[str] = None,
                         torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
-                        weights_only: bool = True, revision: Optional[str] = None, cache_dir: Optional[str] = None,
-                        token: Optional[str] = None, local_files_only: Optional[bool] = None, **config_overrides
-                        ) -> "CausalVideoVAE":
+                        weights_only: bool = True, variant: Optional[str] = None,
+                        use_safetensors: Optional[bool] = None, revision: Optional[str] = None,
+                        cache_dir: Optional[str] = None, token: Optional[str] = None,
+                        local_files_only: Optional[bool] = None, force_download: Optional[bool] = None,
+                        low_cpu_mem_usage: Optional[bool] = None, **config_overrides) -> CausalVideoVAE:
         """Load a model, strictly: every key the model expects must be present with its shape, and any
         other key is an error naming it (upstream's training-only ``loss.*`` keys are dropped).
 
@@ -271,11 +276,16 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
             torch_dtype: dtype of the loaded parameters (default float32). device: where to put them.
             weights_only: passed to torch.load for pickled checkpoints; set False only for a trusted
                 file that holds other objects (some Lightning checkpoints do).
+            variant, use_safetensors: which weight file of a directory to read, as in diffusers.
+            revision, cache_dir, token, local_files_only, force_download: Hub download options.
+            low_cpu_mem_usage: accepted for diffusers compatibility; loading never initializes weights
+                (the model is built on the meta device and takes the checkpoint's tensors).
             config_overrides: config fields to replace, e.g. ``encoder_attention="AttnBlock3DFix"``.
         """
         cfg, weights_path = checkpoint.locate(
-            pretrained_model_name_or_path, subfolder=subfolder, config=config, revision=revision,
-            cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+            pretrained_model_name_or_path, subfolder=subfolder, config=config, variant=variant,
+            use_safetensors=use_safetensors, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only, force_download=force_download,
         )
         cfg = cls._checked_config(cfg, config_overrides)
         with torch.device("meta"):
