@@ -39,9 +39,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load(base, offs_r, r_ok, stride_r, offs_d, D, stride_d, UPCAST: tl.constexpr):
+def _offsets(offs_r, stride_r, offs_d, stride_d, OFF64: tl.constexpr):
+    """Element offsets of a (rows, head-dim chunk) tile within one head. The head's base is
+    already an int64 pointer; int32 suffices inside a head unless OFF64 (a head spanning 2**31
+    elements), and saves a register pair per element."""
+    if OFF64:
+        return offs_r.to(tl.int64)[:, None] * stride_r + offs_d.to(tl.int64)[None, :] * stride_d
+    return offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _load(base, offs_r, r_ok, stride_r, offs_d, D, stride_d, OFF64: tl.constexpr, UPCAST: tl.constexpr):
     """A (rows, head-dim chunk) tile; rows past their length and columns past D read as 0."""
-    ptrs = base + offs_r.to(tl.int64)[:, None] * stride_r + offs_d.to(tl.int64)[None, :] * stride_d
+    ptrs = base + _offsets(offs_r, stride_r, offs_d, stride_d, OFF64)
     t = tl.load(ptrs, mask=r_ok[:, None] & (offs_d < D)[None, :], other=0.0)
     if UPCAST:
         t = t.to(tl.float32)
@@ -49,8 +59,8 @@ def _load(base, offs_r, r_ok, stride_r, offs_d, D, stride_d, UPCAST: tl.constexp
 
 
 @triton.jit
-def _store(base, val, offs_r, r_ok, stride_r, offs_d, D, stride_d):
-    ptrs = base + offs_r.to(tl.int64)[:, None] * stride_r + offs_d.to(tl.int64)[None, :] * stride_d
+def _store(base, val, offs_r, r_ok, stride_r, offs_d, D, stride_d, OFF64: tl.constexpr):
+    ptrs = base + _offsets(offs_r, stride_r, offs_d, stride_d, OFF64)
     tl.store(ptrs, val.to(base.dtype.element_ty), mask=r_ok[:, None] & (offs_d < D)[None, :])
 
 
@@ -71,7 +81,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK,
                      H, Lq, Lk, D, n_m_blocks, qk_scale,
                      HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, HAS_D1: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // n_m_blocks
     b = bh // H
@@ -83,11 +93,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK,
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
 
     offs_d0 = tl.arange(0, BLOCK_D0)
-    q0 = _load(q_base, offs_m, m_ok, sqm, offs_d0, D, sqd, UPCAST)
+    q0 = _load(q_base, offs_m, m_ok, sqm, offs_d0, D, sqd, OFF64, UPCAST)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if HAS_D1:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        q1 = _load(q_base, offs_m, m_ok, sqm, offs_d1, D, sqd, UPCAST)
+        q1 = _load(q_base, offs_m, m_ok, sqm, offs_d1, D, sqd, OFF64, UPCAST)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -95,10 +105,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK,
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = _keys_ok(MASK, b, offs_n, Lk, smb, smn, HAS_MASK)
-        k0 = _load(k_base, offs_n, n_ok, skn, offs_d0, D, skd, UPCAST)
+        k0 = _load(k_base, offs_n, n_ok, skn, offs_d0, D, skd, OFF64, UPCAST)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         if HAS_D1:
-            k1 = _load(k_base, offs_n, n_ok, skn, offs_d1, D, skd, UPCAST)
+            k1 = _load(k_base, offs_n, n_ok, skn, offs_d1, D, skd, OFF64, UPCAST)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -109,10 +119,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK,
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        v0 = _load(v_base, offs_n, n_ok, svn, offs_d0, D, svd, UPCAST)
+        v0 = _load(v_base, offs_n, n_ok, svn, offs_d0, D, svd, OFF64, UPCAST)
         acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if HAS_D1:
-            v1 = _load(v_base, offs_n, n_ok, svn, offs_d1, D, svd, UPCAST)
+            v1 = _load(v_base, offs_n, n_ok, svn, offs_d1, D, svd, OFF64, UPCAST)
             acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
 
     # Fully masked rows: l = 0 and acc = 0, so O = 0; their lse = +inf makes every backward
@@ -120,16 +130,17 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK,
     empty = l_i == 0.0
     inv_l = 1.0 / tl.where(empty, 1.0, l_i)
     o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
-    _store(o_base, acc0 * inv_l[:, None], offs_m, m_ok, som, offs_d0, D, sod)
+    _store(o_base, acc0 * inv_l[:, None], offs_m, m_ok, som, offs_d0, D, sod, OFF64)
     if HAS_D1:
-        _store(o_base, acc1 * inv_l[:, None], offs_m, m_ok, som, offs_d1, D, sod)
+        _store(o_base, acc1 * inv_l[:, None], offs_m, m_ok, som, offs_d1, D, sod, OFF64)
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd,
-                           H, Lq, D, n_m_blocks, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                           H, Lq, D, n_m_blocks, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           OFF64: tl.constexpr):
     """delta[bh, m] = sum_d dO * O (fp32): the softmax backward's row term."""
     pid = tl.program_id(0)
     bh = pid // n_m_blocks
@@ -138,8 +149,8 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     offs_m = (pid % n_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Lq
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, offs_m, m_ok, som, offs_d, D, sod, True)
-    do = _load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, offs_m, m_ok, sdm, offs_d, D, sdd, True)
+    o = _load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, offs_m, m_ok, som, offs_d, D, sod, OFF64, True)
+    do = _load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, offs_m, m_ok, sdm, offs_d, D, sdd, OFF64, True)
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=m_ok)
 
 
@@ -150,7 +161,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
                           H, Lq, Lk, D, n_n_blocks, qk_scale, sm_scale,
                           HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, HAS_D1: tl.constexpr,
-                          UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                          UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr):
     """One key block: dV = P^T dO and dK = scale * dS^T Q, summed over every query block."""
     pid = tl.program_id(0)
     bh = pid // n_n_blocks
@@ -166,30 +177,30 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
     row_base = bh.to(tl.int64) * Lq
 
     offs_d0 = tl.arange(0, BLOCK_D0)
-    k0 = _load(k_base, offs_n, n_ok, skn, offs_d0, D, skd, UPCAST)
-    v0 = _load(v_base, offs_n, n_ok, svn, offs_d0, D, svd, UPCAST)
+    k0 = _load(k_base, offs_n, n_ok, skn, offs_d0, D, skd, OFF64, UPCAST)
+    v0 = _load(v_base, offs_n, n_ok, svn, offs_d0, D, svd, OFF64, UPCAST)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     if HAS_D1:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        k1 = _load(k_base, offs_n, n_ok, skn, offs_d1, D, skd, UPCAST)
-        v1 = _load(v_base, offs_n, n_ok, svn, offs_d1, D, svd, UPCAST)
+        k1 = _load(k_base, offs_n, n_ok, skn, offs_d1, D, skd, OFF64, UPCAST)
+        v1 = _load(v_base, offs_n, n_ok, svn, offs_d1, D, svd, OFF64, UPCAST)
         dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
 
     for start_m in range(0, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
-        q0 = _load(q_base, offs_m, m_ok, sqm, offs_d0, D, sqd, UPCAST)
-        do0 = _load(do_base, offs_m, m_ok, sdm, offs_d0, D, sdd, UPCAST)
+        q0 = _load(q_base, offs_m, m_ok, sqm, offs_d0, D, sqd, OFF64, UPCAST)
+        do0 = _load(do_base, offs_m, m_ok, sdm, offs_d0, D, sdd, OFF64, UPCAST)
         # Rows past Lq read lse = +inf: their probabilities are exactly 0.
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
         dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
         if HAS_D1:
-            q1 = _load(q_base, offs_m, m_ok, sqm, offs_d1, D, sqd, UPCAST)
-            do1 = _load(do_base, offs_m, m_ok, sdm, offs_d1, D, sdd, UPCAST)
+            q1 = _load(q_base, offs_m, m_ok, sqm, offs_d1, D, sqd, OFF64, UPCAST)
+            do1 = _load(do_base, offs_m, m_ok, sdm, offs_d1, D, sdd, OFF64, UPCAST)
             s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
             dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
         p_t = tl.where(n_ok[:, None], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
@@ -202,11 +213,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK,
 
     dk_base = DK + b.to(tl.int64) * sgkb + h.to(tl.int64) * sgkh
     dv_base = DV + b.to(tl.int64) * sgvb + h.to(tl.int64) * sgvh
-    _store(dk_base, dk0 * sm_scale, offs_n, n_in, sgkn, offs_d0, D, sgkd)
-    _store(dv_base, dv0, offs_n, n_in, sgvn, offs_d0, D, sgvd)
+    _store(dk_base, dk0 * sm_scale, offs_n, n_in, sgkn, offs_d0, D, sgkd, OFF64)
+    _store(dv_base, dv0, offs_n, n_in, sgvn, offs_d0, D, sgvd, OFF64)
     if HAS_D1:
-        _store(dk_base, dk1 * sm_scale, offs_n, n_in, sgkn, offs_d1, D, sgkd)
-        _store(dv_base, dv1, offs_n, n_in, sgvn, offs_d1, D, sgvd)
+        _store(dk_base, dk1 * sm_scale, offs_n, n_in, sgkn, offs_d1, D, sgkd, OFF64)
+        _store(dv_base, dv1, offs_n, n_in, sgvn, offs_d1, D, sgvd, OFF64)
 
 
 @triton.jit
@@ -216,7 +227,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK,
                         H, Lq, Lk, D, n_m_blocks, qk_scale, sm_scale,
                         HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, HAS_D1: tl.constexpr,
-                        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr):
     """One query block: dQ = scale * dS K, summed over every key block."""
     pid = tl.program_id(0)
     bh = pid // n_m_blocks
@@ -233,25 +244,25 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK,
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
 
     offs_d0 = tl.arange(0, BLOCK_D0)
-    q0 = _load(q_base, offs_m, m_ok, sqm, offs_d0, D, sqd, UPCAST)
-    do0 = _load(do_base, offs_m, m_ok, sdm, offs_d0, D, sdd, UPCAST)
+    q0 = _load(q_base, offs_m, m_ok, sqm, offs_d0, D, sqd, OFF64, UPCAST)
+    do0 = _load(do_base, offs_m, m_ok, sdm, offs_d0, D, sdd, OFF64, UPCAST)
     dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if HAS_D1:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        q1 = _load(q_base, offs_m, m_ok, sqm, offs_d1, D, sqd, UPCAST)
-        do1 = _load(do_base, offs_m, m_ok, sdm, offs_d1, D, sdd, UPCAST)
+        q1 = _load(q_base, offs_m, m_ok, sqm, offs_d1, D, sqd, OFF64, UPCAST)
+        do1 = _load(do_base, offs_m, m_ok, sdm, offs_d1, D, sdd, OFF64, UPCAST)
         dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
 
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = _keys_ok(MASK, b, offs_n, Lk, smb, smn, HAS_MASK)
-        k0 = _load(k_base, offs_n, n_ok, skn, offs_d0, D, skd, UPCAST)
-        v0 = _load(v_base, offs_n, n_ok, svn, offs_d0, D, svd, UPCAST)
+        k0 = _load(k_base, offs_n, n_ok, skn, offs_d0, D, skd, OFF64, UPCAST)
+        v0 = _load(v_base, offs_n, n_ok, svn, offs_d0, D, svd, OFF64, UPCAST)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
         if HAS_D1:
-            k1 = _load(k_base, offs_n, n_ok, skn, offs_d1, D, skd, UPCAST)
-            v1 = _load(v_base, offs_n, n_ok, svn, offs_d1, D, svd, UPCAST)
+            k1 = _load(k_base, offs_n, n_ok, skn, offs_d1, D, skd, OFF64, UPCAST)
+            v1 = _load(v_base, offs_n, n_ok, svn, offs_d1, D, svd, OFF64, UPCAST)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
             dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
         p = tl.where(n_ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
@@ -261,9 +272,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK,
             dq1 = tl.dot(ds.to(k1.dtype), k1, dq1, input_precision=DOT_PREC)
 
     dq_base = DQ + b.to(tl.int64) * sgqb + h.to(tl.int64) * sgqh
-    _store(dq_base, dq0 * sm_scale, offs_m, m_ok, sgqm, offs_d0, D, sgqd)
+    _store(dq_base, dq0 * sm_scale, offs_m, m_ok, sgqm, offs_d0, D, sgqd, OFF64)
     if HAS_D1:
-        _store(dq_base, dq1 * sm_scale, offs_m, m_ok, sgqm, offs_d1, D, sgqd)
+        _store(dq_base, dq1 * sm_scale, offs_m, m_ok, sgqm, offs_d1, D, sgqd, OFF64)
 
 
 def _interpreting() -> bool:
@@ -297,23 +308,46 @@ def _tile(L: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(L, 1))))
 
 
-def forward_config(Lq: int, Lk: int, D: int) -> Config:
+def _short(Lq: int, Lk: int) -> bool:
+    return max(Lq, Lk) <= 32
+
+
+def _wide(D: int, dtype: torch.dtype) -> bool:
+    """fp32 operands or head dims past 128: rows too wide for the large tiles' registers."""
     d0, d1 = head_dim_blocks(D)
+    return dtype == torch.float32 or d0 + d1 > 128
+
+
+# GPU tiles were chosen so that ptxas reports no register spills for bf16 at head dims 64, 72 and 88
+# on sm_90; short sequences (temporal attention) get tiles no wider than the sequence.
+def forward_config(Lq: int, Lk: int, D: int, dtype: torch.dtype = torch.bfloat16) -> Config:
     if _interpreting():
         # Small caps keep the tests' short sequences crossing tile boundaries.
         return Config(_tile(Lq, 32), _tile(Lk, 32), 4, 1)
-    wide = d0 + d1 > 128
-    bm = _tile(Lq, 64 if wide else 128)
-    bn = _tile(Lk, 32 if wide else 64)
+    if _short(Lq, Lk):
+        return Config(_tile(Lq, 32), _tile(Lk, 32), 4, 1)
+    if _wide(D, dtype):
+        bm, bn = _tile(Lq, 64), _tile(Lk, 32)
+    else:
+        bm, bn = _tile(Lq, 128), _tile(Lk, 64)
     return Config(bm, bn, 8 if bm >= 128 else 4, 3 if Lk > bn else 2)
 
 
-def backward_config(Lq: int, Lk: int, D: int) -> Config:
-    d0, d1 = head_dim_blocks(D)
+def backward_config(Lq: int, Lk: int, D: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[Config, Config]:
+    """(dK/dV config: block_n resident keys, block_m the query loop; dQ config: block_m resident
+    queries, block_n the key loop)."""
     if _interpreting():
-        return Config(_tile(Lq, 32), _tile(Lk, 32), 4, 1)
-    cap = 32 if d0 + d1 > 128 else 64
-    return Config(_tile(Lq, cap), _tile(Lk, cap), 4, 2)
+        cfg = Config(_tile(Lq, 32), _tile(Lk, 32), 4, 1)
+        return cfg, cfg
+    if _short(Lq, Lk):
+        cfg = Config(16, 16, 4, 1)
+        return cfg, cfg
+    if _wide(D, dtype):
+        cfg = Config(_tile(Lq, 32), _tile(Lk, 32), 4, 2)
+        return cfg, cfg
+    dkdv = Config(_tile(Lq, 64), _tile(Lk, 64), 8, 2)
+    dq = Config(_tile(Lq, 128), _tile(Lk, 32), 8, 2)
+    return dkdv, dq
 
 
 def _dot_args(dtype: torch.dtype) -> Tuple[bool, str]:
@@ -321,6 +355,12 @@ def _dot_args(dtype: torch.dtype) -> Tuple[bool, str]:
     if _interpreting():
         return True, "ieee"
     return False, "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _off64(*tensors: torch.Tensor) -> bool:
+    """Whether an offset inside one head (rows x head dim, with a tile's overshoot) can pass int32."""
+    span = max((t.shape[2] + 256) * abs(t.stride(2)) + 256 * abs(t.stride(3)) for t in tensors)
+    return span >= 2**31
 
 
 def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):
@@ -339,7 +379,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask:
     Lk = k.shape[2]
     o = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
-    cfg = forward_config(Lq, Lk, D)
+    cfg = forward_config(Lq, Lk, D, q.dtype)
     d0, d1 = head_dim_blocks(D)
     upcast, prec = _dot_args(q.dtype)
     mask, smb, smn = _mask_args(key_padding_mask, q)
@@ -349,7 +389,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask:
         H, Lq, Lk, D, n_m, scale * LOG2E,
         HAS_MASK=key_padding_mask is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D0=d0, BLOCK_D1=max(d1, 16), HAS_D1=d1 > 0, UPCAST=upcast, DOT_PREC=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        OFF64=_off64(q, k, v, o), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
 
@@ -360,37 +400,39 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """(dq, dk, dv), each contiguous in its input's dtype, or None where not needed."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = backward_config(Lq, Lk, D)
+    cfg_kv, cfg_q = backward_config(Lq, Lk, D, q.dtype)
     d0, d1 = head_dim_blocks(D)
     upcast, prec = _dot_args(q.dtype)
     mask, smb, smn = _mask_args(key_padding_mask, q)
-    consts = dict(HAS_MASK=key_padding_mask is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  BLOCK_D0=d0, BLOCK_D1=max(d1, 16), HAS_D1=d1 > 0, UPCAST=upcast, DOT_PREC=prec,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    off64 = _off64(q, k, v, o, do)
+    consts = dict(HAS_MASK=key_padding_mask is not None, BLOCK_D0=d0, BLOCK_D1=max(d1, 16), HAS_D1=d1 > 0,
+                  UPCAST=upcast, DOT_PREC=prec, OFF64=off64)
 
     delta = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
     delta_rows = 64 if not _interpreting() else 32
     n_m_delta = triton.cdiv(Lq, delta_rows)
     _attn_bwd_delta_kernel[(n_m_delta * B * H,)](
         o, do, delta, *o.stride(), *do.stride(), H, Lq, D, n_m_delta,
-        BLOCK_M=delta_rows, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=4,
+        BLOCK_M=delta_rows, BLOCK_D=max(16, triton.next_power_of_2(D)), OFF64=off64, num_warps=4,
     )
 
     dq = dk = dv = None
     if needs_dkdv:
         dk = torch.empty((B, H, Lk, D), device=k.device, dtype=k.dtype)
         dv = torch.empty((B, H, Lk, D), device=v.device, dtype=v.dtype)
-        n_n = triton.cdiv(Lk, cfg.block_n)
+        n_n = triton.cdiv(Lk, cfg_kv.block_n)
         _attn_bwd_dkdv_kernel[(n_n * B * H,)](
             q, k, v, do, lse, delta, dk, dv, mask, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
             *dk.stride(), *dv.stride(), smb, smn, H, Lq, Lk, D, n_n, scale * LOG2E, scale, **consts,
+            BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, num_warps=cfg_kv.num_warps, num_stages=cfg_kv.num_stages,
         )
     if needs_dq:
         dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
-        n_m = triton.cdiv(Lq, cfg.block_m)
+        n_m = triton.cdiv(Lq, cfg_q.block_m)
         _attn_bwd_dq_kernel[(n_m * B * H,)](
             q, k, v, do, lse, delta, dq, mask, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
             *dq.stride(), smb, smn, H, Lq, Lk, D, n_m, scale * LOG2E, scale, **consts,
+            BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages,
         )
     return dq, dk, dv
 
