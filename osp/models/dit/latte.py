@@ -268,8 +268,11 @@ class _LatteCore:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, subfolder: Optional[str] = None,
                         torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
-                        weights_only: bool = True, revision: Optional[str] = None, cache_dir: Optional[str] = None,
-                        token: Optional[str] = None, local_files_only: Optional[bool] = None, **config_overrides):
+                        weights_only: bool = True, variant: Optional[str] = None,
+                        use_safetensors: Optional[bool] = None, revision: Optional[str] = None,
+                        cache_dir: Optional[str] = None, token: Optional[str] = None,
+                        local_files_only: Optional[bool] = None, force_download: Optional[bool] = None,
+                        low_cpu_mem_usage: Optional[bool] = None, **config_overrides):
         """Load a model strictly: every key the model expects must be present with its shape, and any
         other key is an error naming it.
 
@@ -278,17 +281,22 @@ class _LatteCore:
                 diffusion_pytorch_model.safetensors (or .bin), as upstream's release (e.g. its
                 ``17x256x256`` folder) and ``save_pretrained`` write; a single weights file whose
                 config comes from ``config`` or a config.json beside it; or a Hugging Face Hub repo id
-                (with ``subfolder``).
+                (with ``subfolder``, e.g. "17x256x256").
             config: a config dict or path to a config.json, overriding the one found with the weights.
             torch_dtype: dtype of the parameters and buffers (default float32). device: where to put them.
             weights_only: passed to torch.load for pickled checkpoints.
+            variant, use_safetensors: which weight file of a directory to read, as in diffusers.
+            revision, cache_dir, token, local_files_only, force_download: Hub download options.
+            low_cpu_mem_usage: accepted for diffusers compatibility; loading never initializes weights
+                (the model is built on the meta device and takes the checkpoint's tensors).
             config_overrides: config fields to replace.
         """
         from ..vae import checkpoint
 
         cfg, weights_path = checkpoint.locate(
-            pretrained_model_name_or_path, subfolder=subfolder, config=config, revision=revision,
-            cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+            pretrained_model_name_or_path, subfolder=subfolder, config=config, variant=variant,
+            use_safetensors=use_safetensors, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only, force_download=force_download,
         )
         cfg = cls._checked_config(cfg, config_overrides)
         with torch.device("meta"):
