@@ -8,11 +8,15 @@ from ._dispatch import BACKEND_NAMES, BackendUnavailable, registered_ops, use_ba
 from .attention import attention, attention_reference
 from .causal_conv3d import causal_conv3d, causal_conv3d_reference
 from .group_norm import group_norm, group_norm_reference
+from .tile_blend import blend_normalize_, blend_tile_, blend_tile_reference
 from .modulation import gated_residual, gated_residual_reference, layer_norm_modulate, layer_norm_modulate_reference
 
 __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailable",
+    "blend_normalize_",
+    "blend_tile_",
+    "blend_tile_reference",
     "attention",
     "attention_reference",
     "causal_conv3d",
