@@ -519,6 +519,10 @@ def test_posterior_and_tuple_outputs():
         s1 = post.sample(generator=torch.Generator().manual_seed(3))
         s2 = post.sample(generator=torch.Generator().manual_seed(3))
         assert torch.equal(s1, s2) and not torch.equal(s1, post.mean)
+        torch.manual_seed(5)  # upstream draws from the default CPU generator, whatever the device
+        s3 = post.sample()
+        torch.manual_seed(5)
+        torch.testing.assert_close(s3, post.mean + post.std * torch.randn(post.mean.shape).to(post.mean.device))
         (rec,) = model.decode(post.mean, return_dict=False)
         torch.testing.assert_close(model(x).sample, rec)  # forward reconstructs through the mode
         assert tuple(post.kl().shape) == (1,)

@@ -32,12 +32,12 @@ class DiagonalGaussianDistribution:
         return list(range(1, self.mean.dim())) if dims is None else list(dims)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """mean + std * eps with eps ~ N(0, 1) drawn from ``generator`` (on its own device, then
-        moved), or from the default generator of the latents' device when None."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        eps = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        """mean + std * eps, eps ~ N(0, 1) drawn in float32 on ``generator``'s device, or, when None, from
+        the default CPU generator as upstream does (so a seed gives upstream's noise on any device),
+        then moved to the latents' device and dtype."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
+        return self.mean + self.std * eps.to(device=self.mean.device, dtype=self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -154,14 +154,14 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
 
     def _check_clip(self, x: torch.Tensor, pad: bool) -> None:
         C = self.config.in_channels
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != C:
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != C or 0 in x.shape:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"CausalVideoVAE.encode: x has shape {shape}; expected (B, {C}, T, H, W)")
+            raise ValueError(f"CausalVideoVAE.encode: x has shape {shape}; expected (B, {C}, T, H, W), none of them 0")
         if pad:
             return
         _, _, T, H, W = x.shape
         tc, s = self.temporal_compression, self.spatial_compression
-        if T < 1 or (T - 1) % tc or H % s or W % s or H == 0 or W == 0:
+        if (T - 1) % tc or H % s or W % s:
             raise ValueError(
                 f"CausalVideoVAE.encode: x has shape {tuple(x.shape)}; expected T = 1 + {tc}*k frames "
                 f"(1, {1 + tc}, {1 + 2 * tc}, ...) and H, W multiples of {s}; pass pad=True to pad the clip "
