@@ -233,9 +233,13 @@ def _config(x: torch.Tensor, num_groups: int):
     interp = _interpreting()
     channel_last = not x.is_contiguous()
     block_cg = min(triton.next_power_of_2(Cg), 64)
-    # NSC: cover as many whole groups as fit in one contiguous row segment.
-    block_g = min(triton.next_power_of_2(G), max(1, 256 // block_cg)) if channel_last and block_cg >= Cg else 1
-    tile = 8192 if interp else 4096  # elements per tile; the interpreter pays per program, not per element
+    # NSC: cover as many whole groups as fit in one contiguous row segment. The interpreter pays per
+    # program, not per element: there every layout takes many groups and large tiles per program.
+    if block_cg >= Cg and (channel_last or interp):
+        block_g = min(triton.next_power_of_2(G), max(1, (1024 if interp else 256) // block_cg))
+    else:
+        block_g = 1
+    tile = 16384 if interp else 4096  # elements per tile
     block_s = max(1, min(triton.next_power_of_2(S), tile // (block_g * block_cg)))
     n_gblocks = triton.cdiv(G, block_g)
     s_blocks = triton.cdiv(S, block_s)

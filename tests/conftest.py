@@ -20,6 +20,14 @@ def pytest_report_header(config):
     return f"osp tests on {DEVICE} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
 
 
+# torch.device(...) as a context manager caches its set of factory functions on first use; computing
+# it now, before any patching below, keeps the real torch.empty in it (else meta-device builds would
+# silently allocate on the CPU).
+_constructors = getattr(getattr(torch.utils, "_device", None), "_device_constructors", None)
+if _constructors is not None:
+    _constructors()
+
+
 @pytest.fixture(autouse=True)
 def nan_poisoned_allocations(monkeypatch):
     """Every floating torch.empty / torch.empty_like is filled with NaN, so an output element a

@@ -422,14 +422,7 @@ def exact_backend(monkeypatch):
 
 @pytest.fixture(scope="module")
 def meta_models():
-    """The release-config model and a model made with no config, on the meta device (no memory, no init).
-
-    Module-scoped so that it is built before conftest's function-scoped NaN-poisoning wraps
-    torch.empty: torch caches its set of factory functions on first use of a device context, and a
-    cached wrapper would make torch.device("meta") miss the real torch.empty (a slow CPU build)."""
-    cache = getattr(getattr(torch.utils, "_device", None), "_device_constructors", None)
-    if cache is not None and hasattr(cache, "cache_clear"):
-        cache.cache_clear()
+    """The release-config model and a model made with no config, on the meta device (no memory, no init)."""
     with torch.device("meta"):
         return CausalVideoVAE.from_config(RELEASE_CONFIG), CausalVideoVAE()
 
