@@ -23,9 +23,12 @@ def pytest_report_header(config):
 # torch.device(...) as a context manager caches its set of factory functions on first use; computing
 # it now, before any patching below, keeps the real torch.empty in it (else meta-device builds would
 # silently allocate on the CPU).
-_constructors = getattr(getattr(torch.utils, "_device", None), "_device_constructors", None)
-if _constructors is not None:
-    _constructors()
+try:
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
+except ImportError:  # a torch without device contexts has nothing to keep consistent
+    pass
 
 
 @pytest.fixture(autouse=True)
