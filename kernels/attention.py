@@ -43,9 +43,12 @@ def _offsets(offs_r, stride_r, offs_d, stride_d, OFF64: tl.constexpr):
     """Element offsets of a (rows, head-dim chunk) tile within one head. The head's base is
     already an int64 pointer; int32 suffices inside a head unless OFF64 (a head spanning 2**31
     elements), and saves a register pair per element."""
+    r = offs_r
+    d = offs_d
     if OFF64:
-        return offs_r.to(tl.int64)[:, None] * stride_r + offs_d.to(tl.int64)[None, :] * stride_d
-    return offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+        r = r.to(tl.int64)
+        d = d.to(tl.int64)
+    return r[:, None] * stride_r + d[None, :] * stride_d
 
 
 @triton.jit
@@ -318,8 +321,9 @@ def _wide(D: int, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or d0 + d1 > 128
 
 
-# GPU tiles were chosen so that ptxas reports no register spills for bf16 at head dims 64, 72 and 88
-# on sm_90; short sequences (temporal attention) get tiles no wider than the sequence.
+# GPU tiles were chosen so that ptxas reports no register spills for fp16/bf16 at head dims 16, 64,
+# 72 and 88 on sm_90 (fp32 and head dims >= 128 spill some: correctness paths, not the model's);
+# short sequences (temporal attention) get tiles no wider than the sequence.
 def forward_config(Lq: int, Lk: int, D: int, dtype: torch.dtype = torch.bfloat16) -> Config:
     if _interpreting():
         # Small caps keep the tests' short sequences crossing tile boundaries.
@@ -327,9 +331,10 @@ def forward_config(Lq: int, Lk: int, D: int, dtype: torch.dtype = torch.bfloat16
     if _short(Lq, Lk):
         return Config(_tile(Lq, 32), _tile(Lk, 32), 4, 1)
     if _wide(D, dtype):
-        bm, bn = _tile(Lq, 64), _tile(Lk, 32)
+        bm, bn = _tile(Lq, 32), _tile(Lk, 32)
     else:
-        bm, bn = _tile(Lq, 128), _tile(Lk, 64)
+        bm = _tile(Lq, 128)
+        bn = _tile(Lk, 64 if bm >= 128 else 32)
     return Config(bm, bn, 8 if bm >= 128 else 4, 3 if Lk > bn else 2)
 
 
@@ -345,7 +350,7 @@ def backward_config(Lq: int, Lk: int, D: int, dtype: torch.dtype = torch.bfloat1
     if _wide(D, dtype):
         cfg = Config(_tile(Lq, 32), _tile(Lk, 32), 4, 2)
         return cfg, cfg
-    dkdv = Config(_tile(Lq, 64), _tile(Lk, 64), 8, 2)
+    dkdv = Config(_tile(Lq, 32), _tile(Lk, 64), 8, 2)
     dq = Config(_tile(Lq, 128), _tile(Lk, 32), 8, 2)
     return dkdv, dq
 
