@@ -21,10 +21,11 @@ than padding to the next power of two (72 -> 64 + 16 instead of 128, 88 -> 64 + 
 chunks' dots, outputs keep one accumulator per chunk, loads past D are masked. tl.dot needs every
 dim >= 16, so chunks and tiles are at least 16.
 
-Tiles follow the sequence lengths: a 17-frame temporal attention uses 32 x 32 tiles, not 128 x 64.
-On GPU the dots take fp16/bf16 operands with fp32 accumulation (fp32 inputs use exact fp32
-dots, never TF32); in the interpreter every load is upcast to fp32 (its bf16 is wrong). Offsets
-are int64.
+Tiles follow the sequence lengths: a 17-frame temporal attention runs its forward on 32 x 32
+tiles and its backward on 16 x 16, not on 128 x 64. On GPU the dots take fp16/bf16 operands with
+fp32 accumulation (fp32 inputs use exact fp32 dots, never TF32); in the interpreter every load is
+upcast to fp32 (its bf16 is wrong). Per-head base offsets are int64; offsets inside one head are
+int32 unless a head spans 2**31 elements (OFF64), which saves registers.
 """
 from __future__ import annotations
 

@@ -160,6 +160,25 @@ def test_triton_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+def test_triton_accepts_a_stride_zero_gradient():
+    """out.sum().backward() hands the backward an expanded (all strides 0) gradient."""
+    q, k, v, m = make_inputs(2, 2, 9, 20, 72, "few", "packed", torch.float32)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    attention(*leaves, key_padding_mask=m, backend="triton").sum().backward()
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    attention_reference(*leaves64, key_padding_mask=m).sum().backward()
+    for t, r in zip(leaves, leaves64):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch_or_queries():
+    for B, Lq in ((0, 4), (1, 0)):
+        q, k = torch.randn(B, 2, Lq, 8, device=DEVICE), torch.randn(B, 2, 5, 8, device=DEVICE)
+        mask = torch.ones(B, 5, dtype=torch.bool, device=DEVICE)
+        assert attention(q, k, k, key_padding_mask=mask).shape == (B, 2, Lq, 8)
+        assert ATTENTION.backends["triton"].why_not(q, k, k, mask, None, forced=True) == "empty tensor"
+
+
 def test_head_dim_chunks():
     kernel = pytest.importorskip("osp.kernels.attention")
     assert kernel.head_dim_blocks(72) == (64, 16)
