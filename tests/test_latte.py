@@ -12,14 +12,101 @@ import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 
+from parity import assert_parity  # noqa: E402
+
 import osp  # noqa: E402
 from osp.models import Latte, LatteClass, LatteT2V  # noqa: E402
 from osp.models.dit import LATTE_T2V_XL_122, PRESETS  # noqa: E402
-from parity import assert_parity  # noqa: E402
 
-SPEC = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "spec",
-                    "osp-v1.0-latte-t2v-state-dict-2-layers.txt")
-SPEC = SPEC if os.path.exists(SPEC) else "/work/shared/spec/osp-v1.0-latte-t2v-state-dict-2-layers.txt"
+# spec/osp-v1.0-latte-t2v-state-dict-2-layers.txt verbatim: upstream's keys and shapes, 2 layers.
+SPEC_KEYS = """
+scale_shift_table (2, 1152)
+pos_embed.proj.weight (1152, 4, 2, 2)
+pos_embed.proj.bias (1152,)
+transformer_blocks.0.scale_shift_table (6, 1152)
+transformer_blocks.0.attn1.to_q.weight (1152, 1152)
+transformer_blocks.0.attn1.to_q.bias (1152,)
+transformer_blocks.0.attn1.to_k.weight (1152, 1152)
+transformer_blocks.0.attn1.to_k.bias (1152,)
+transformer_blocks.0.attn1.to_v.weight (1152, 1152)
+transformer_blocks.0.attn1.to_v.bias (1152,)
+transformer_blocks.0.attn1.to_out.0.weight (1152, 1152)
+transformer_blocks.0.attn1.to_out.0.bias (1152,)
+transformer_blocks.0.attn2.to_q.weight (1152, 1152)
+transformer_blocks.0.attn2.to_q.bias (1152,)
+transformer_blocks.0.attn2.to_k.weight (1152, 1152)
+transformer_blocks.0.attn2.to_k.bias (1152,)
+transformer_blocks.0.attn2.to_v.weight (1152, 1152)
+transformer_blocks.0.attn2.to_v.bias (1152,)
+transformer_blocks.0.attn2.to_out.0.weight (1152, 1152)
+transformer_blocks.0.attn2.to_out.0.bias (1152,)
+transformer_blocks.0.ff.net.0.proj.weight (4608, 1152)
+transformer_blocks.0.ff.net.0.proj.bias (4608,)
+transformer_blocks.0.ff.net.2.weight (1152, 4608)
+transformer_blocks.0.ff.net.2.bias (1152,)
+transformer_blocks.1.scale_shift_table (6, 1152)
+transformer_blocks.1.attn1.to_q.weight (1152, 1152)
+transformer_blocks.1.attn1.to_q.bias (1152,)
+transformer_blocks.1.attn1.to_k.weight (1152, 1152)
+transformer_blocks.1.attn1.to_k.bias (1152,)
+transformer_blocks.1.attn1.to_v.weight (1152, 1152)
+transformer_blocks.1.attn1.to_v.bias (1152,)
+transformer_blocks.1.attn1.to_out.0.weight (1152, 1152)
+transformer_blocks.1.attn1.to_out.0.bias (1152,)
+transformer_blocks.1.attn2.to_q.weight (1152, 1152)
+transformer_blocks.1.attn2.to_q.bias (1152,)
+transformer_blocks.1.attn2.to_k.weight (1152, 1152)
+transformer_blocks.1.attn2.to_k.bias (1152,)
+transformer_blocks.1.attn2.to_v.weight (1152, 1152)
+transformer_blocks.1.attn2.to_v.bias (1152,)
+transformer_blocks.1.attn2.to_out.0.weight (1152, 1152)
+transformer_blocks.1.attn2.to_out.0.bias (1152,)
+transformer_blocks.1.ff.net.0.proj.weight (4608, 1152)
+transformer_blocks.1.ff.net.0.proj.bias (4608,)
+transformer_blocks.1.ff.net.2.weight (1152, 4608)
+transformer_blocks.1.ff.net.2.bias (1152,)
+temporal_transformer_blocks.0.scale_shift_table (6, 1152)
+temporal_transformer_blocks.0.attn1.to_q.weight (1152, 1152)
+temporal_transformer_blocks.0.attn1.to_q.bias (1152,)
+temporal_transformer_blocks.0.attn1.to_k.weight (1152, 1152)
+temporal_transformer_blocks.0.attn1.to_k.bias (1152,)
+temporal_transformer_blocks.0.attn1.to_v.weight (1152, 1152)
+temporal_transformer_blocks.0.attn1.to_v.bias (1152,)
+temporal_transformer_blocks.0.attn1.to_out.0.weight (1152, 1152)
+temporal_transformer_blocks.0.attn1.to_out.0.bias (1152,)
+temporal_transformer_blocks.0.ff.net.0.proj.weight (4608, 1152)
+temporal_transformer_blocks.0.ff.net.0.proj.bias (4608,)
+temporal_transformer_blocks.0.ff.net.2.weight (1152, 4608)
+temporal_transformer_blocks.0.ff.net.2.bias (1152,)
+temporal_transformer_blocks.1.scale_shift_table (6, 1152)
+temporal_transformer_blocks.1.attn1.to_q.weight (1152, 1152)
+temporal_transformer_blocks.1.attn1.to_q.bias (1152,)
+temporal_transformer_blocks.1.attn1.to_k.weight (1152, 1152)
+temporal_transformer_blocks.1.attn1.to_k.bias (1152,)
+temporal_transformer_blocks.1.attn1.to_v.weight (1152, 1152)
+temporal_transformer_blocks.1.attn1.to_v.bias (1152,)
+temporal_transformer_blocks.1.attn1.to_out.0.weight (1152, 1152)
+temporal_transformer_blocks.1.attn1.to_out.0.bias (1152,)
+temporal_transformer_blocks.1.ff.net.0.proj.weight (4608, 1152)
+temporal_transformer_blocks.1.ff.net.0.proj.bias (4608,)
+temporal_transformer_blocks.1.ff.net.2.weight (1152, 4608)
+temporal_transformer_blocks.1.ff.net.2.bias (1152,)
+proj_out.weight (32, 1152)
+proj_out.bias (32,)
+adaln_single.emb.timestep_embedder.linear_1.weight (1152, 256)
+adaln_single.emb.timestep_embedder.linear_1.bias (1152,)
+adaln_single.emb.timestep_embedder.linear_2.weight (1152, 1152)
+adaln_single.emb.timestep_embedder.linear_2.bias (1152,)
+adaln_single.linear.weight (6912, 1152)
+adaln_single.linear.bias (6912,)
+caption_projection.y_embedding (120, 4096)
+caption_projection.linear_1.weight (1152, 4096)
+caption_projection.linear_1.bias (1152,)
+caption_projection.linear_2.weight (1152, 1152)
+caption_projection.linear_2.bias (1152,)
+"""
+SPEC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "shared", "spec",
+                         "osp-v1.0-latte-t2v-state-dict-2-layers.txt")
 
 # A tiny LatteT2V: 2 layers, 2 heads x 16, latent 8x8, 5 frames, 24-channel captions.
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
@@ -163,8 +250,15 @@ def reference(sd, cfg, x, t, ehs, mask, use_image_num=0, dtype=torch.float64, te
 # --- structure --------------------------------------------------------------------------------------
 
 def _spec_keys():
-    rows = [line.rsplit(" (", 1) for line in open(SPEC).read().strip().splitlines()]
+    rows = [line.rsplit(" (", 1) for line in SPEC_KEYS.strip().splitlines()]
     return [(k, tuple(int(s) for s in shape.rstrip(")").split(",") if s.strip())) for k, shape in rows]
+
+
+def test_embedded_key_list_is_the_spec_file():
+    if not os.path.exists(SPEC_FILE):
+        pytest.skip("the shared spec folder is not beside this checkout")
+    with open(SPEC_FILE) as f:
+        assert f.read().strip() == SPEC_KEYS.strip()
 
 
 @pytest.fixture
@@ -263,21 +357,24 @@ def _reference_grads(model, x, t, ehs, mask, g):
     return grads
 
 
-def _check_grads(model, x, t, ehs, mask, g):
+def _check_grads(model, x, t, ehs, mask, g, device="cpu"):
+    """Our output and gradients (model run on ``device``) against the reference's on CPU."""
     grads = _reference_grads(model, x, t, ehs, mask, g)
-    xo = x.clone().requires_grad_()
-    out = model(xo, t, ehs, mask).sample
-    (out * g).sum().backward()
-    ours = {k: p.grad for k, p in model.named_parameters()}
-    ours["x"] = xo.grad
+    model = model.to(device)
+    xo = x.to(device).requires_grad_()
+    out = model(xo, t.to(device), ehs.to(device), mask.to(device)).sample
+    (out * g.to(device)).sum().backward()
+    ours = {k: p.grad.cpu() for k, p in model.named_parameters()}
+    ours["x"] = xo.grad.cpu()
     assert set(ours) == set(grads[torch.float64])
     for k, v in ours.items():
         assert_parity(v, grads[torch.float64][k], grads[torch.float32][k], name=k)
-    return out.detach()
+    return out.detach().cpu()
 
 
-def test_triton_backends_through_the_interpreter():
-    """One small forward and backward with every Triton backend forced (interpreted on CPU)."""
+def test_triton_backends(device):
+    """One small forward and backward with every Triton backend forced (compiled on a GPU,
+    interpreted on CPU)."""
     pytest.importorskip("triton")
     model = tiny(num_layers=1)
     x, t, ehs, mask = inputs(b=1, frames=5, H=4, W=4, L=5, masks=("partial",))
@@ -286,7 +383,7 @@ def test_triton_backends_through_the_interpreter():
     ref64 = reference(model.state_dict(), cfg, x, t, ehs, mask)
     ref32 = reference(model.state_dict(), cfg, x, t, ehs, mask, dtype=torch.float32)
     with osp.ops.use_backend("triton"):
-        out = _check_grads(model, x, t, ehs, mask, g)
+        out = _check_grads(model, x, t, ehs, mask, g, device=device)
     assert_parity(out, ref64, ref32)
 
 
@@ -471,7 +568,7 @@ def test_bad_arguments_raise_value_errors(bad, match):
 
 def test_return_dict_false_and_scalar_timestep():
     model = tiny()
-    x, t, ehs, mask = inputs()
+    x, _, ehs, mask = inputs()
     with osp.ops.use_backend("torch"), torch.no_grad():
         (a,) = model(x, 500, ehs, mask, return_dict=False)
         b = model(x, torch.tensor([500, 500]), ehs, mask).sample

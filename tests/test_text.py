@@ -7,8 +7,13 @@ import os
 import pytest
 import torch
 
-from osp.models.text import (CachedTextEncoder, MissingWeightsError, T5TextEncoder, TextEmbeddingCache,
-                             TinyTextEncoder)
+from osp.models.text import (
+    CachedTextEncoder,
+    MissingWeightsError,
+    T5TextEncoder,
+    TextEmbeddingCache,
+    TinyTextEncoder,
+)
 from osp.models.text import cache as cache_module
 from osp.models.text.tiny import tokenize_bytes
 
@@ -77,7 +82,7 @@ def test_cache_hits_do_not_re_encode(tmp_path):
     spy = CountingEncoder(inner)
     cached = CachedTextEncoder(spy, tmp_path)
     want_s, want_m = inner(CAPTIONS)
-    s1, m1 = cached([CAPTIONS[0], CAPTIONS[1], CAPTIONS[0], CAPTIONS[2]])
+    _, m1 = cached([CAPTIONS[0], CAPTIONS[1], CAPTIONS[0], CAPTIONS[2]])
     assert sorted(spy.seen) == sorted(CAPTIONS)  # each distinct caption encoded once
     assert (cached.misses, cached.hits) == (3, 1)
     spy.seen.clear()

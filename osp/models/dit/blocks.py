@@ -93,7 +93,7 @@ class Attention(nn.Module):
         and values are projected once per caption rather than once per frame; per query this is the
         same softmax over the same keys as upstream's per-frame attention.
         """
-        N, T, D = x.shape
+        N, T, _ = x.shape
         b = N // frames
         q = self.to_q(x).view(b, frames, T, self.heads, self.head_dim)
         outs = []

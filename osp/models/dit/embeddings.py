@@ -66,6 +66,9 @@ class PatchEmbed(nn.Module):
     ``pos_embed`` is a non-persistent float32 buffer for the configured grid
     (sample_size // p); other grids get their table computed from scratch with the same base size
     and interpolation scale (kept in a small per-grid cache; the values are not interpolated).
+    For a non-square sample_size the buffer covers the configured (Hp0, Wp0) grid, where upstream's
+    has g = int(sqrt(Hp0 * Wp0))**2 rows and crashes at that input size; the buffer is not saved,
+    so checkpoints are unaffected.
     """
 
     def __init__(self, sample_size: Tuple[int, int], patch_size: int, in_channels: int, embed_dim: int):

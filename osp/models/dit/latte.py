@@ -21,7 +21,14 @@ from torch import nn
 
 from ... import ops
 from .blocks import MODULATIONS, CaptionSegment, LatteBlock
-from .embeddings import AdaLNSingle, CaptionProjection, LabelEmbedding, PatchEmbed, TimestepEmbedding, temporal_sincos
+from .embeddings import (
+    AdaLNSingle,
+    CaptionProjection,
+    LabelEmbedding,
+    PatchEmbed,
+    TimestepEmbedding,
+    temporal_sincos,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import List, Tuple, Union
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
