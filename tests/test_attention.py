@@ -179,6 +179,16 @@ def test_empty_batch_or_queries():
         assert ATTENTION.backends["triton"].why_not(q, k, k, mask, None, forced=True) == "empty tensor"
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the native-operand path is the default one")
+def test_triton_native_operand_path_in_the_interpreter(monkeypatch):
+    """The GPU path (fp16 dot operands, P and dS rounded to fp16 before their dots) run by the
+    interpreter, which otherwise upcasts every load: checks the casts the GPU relies on."""
+    kernel = pytest.importorskip("osp.kernels.attention")
+    monkeypatch.setattr(kernel, "_dot_args", lambda dtype: (False, "ieee" if dtype == torch.float32 else "tf32"))
+    check_against_reference("triton", 2, 2, 33, 40, 72, "few", "packed", torch.float16)
+    check_against_reference("triton", 2, 1, 17, 17, 88, "empty", "contiguous", torch.float16)
+
+
 def test_head_dim_chunks():
     kernel = pytest.importorskip("osp.kernels.attention")
     assert kernel.head_dim_blocks(72) == (64, 16)
