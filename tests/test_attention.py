@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import osp
 from osp.ops import BackendUnavailable, attention, attention_reference
 from parity import DEVICE, DTYPES, assert_parity
 
@@ -239,6 +240,8 @@ def test_forcing_a_missing_package_lists_the_reasons(backend):
     q, k, v, m = make_inputs(1, 1, 4, 4, 16, None, "contiguous", torch.float32)
     with pytest.raises(BackendUnavailable, match=rf"{backend}.*not installed(.|\n)*torch: usable"):
         attention(q, k, v, backend=backend)
+    with osp.ops.use_backend(attention=backend), pytest.raises(BackendUnavailable, match="not installed"):
+        attention(q, k, v)
 
 
 # --- the optional packages' argument plumbing, checked against torch stand-ins ---------------------
