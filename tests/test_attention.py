@@ -237,7 +237,7 @@ def test_automatic_choice_and_reasons():
 def test_forcing_a_missing_package_lists_the_reasons(backend):
     if importlib.util.find_spec(PACKAGES[backend].split(".")[0]) is not None:
         pytest.skip(f"{backend} is installed")
-    q, k, v, m = make_inputs(1, 1, 4, 4, 16, None, "contiguous", torch.float32)
+    q, k, v, _ = make_inputs(1, 1, 4, 4, 16, None, "contiguous", torch.float32)
     with pytest.raises(BackendUnavailable, match=rf"{backend}.*not installed(.|\n)*torch: usable"):
         attention(q, k, v, backend=backend)
     with osp.ops.use_backend(attention=backend), pytest.raises(BackendUnavailable, match="not installed"):
@@ -289,7 +289,7 @@ class XformersStandIn:
 
     @staticmethod
     def memory_efficient_attention(query, key, value, attn_bias=None, scale=None):
-        B, Mq, H, K = query.shape
+        B, Mq, H, _ = query.shape
         s = torch.einsum("bqhd,bkhd->bhqk", query.double(), key.double()) * scale
         if attn_bias is not None:
             assert attn_bias.shape == (B, H, Mq, key.shape[1]) and attn_bias.dtype == query.dtype

@@ -14,20 +14,23 @@ Every backend and the float64 reference follow this rule.
 Backends, in automatic order (the first one with no reason not to run wins):
 
 - ``flash_attn`` (when the flash-attn package imports; CUDA, fp16/bf16, head dim <= 256 and a
-  multiple of 8): FlashAttention-2's kernels, the fastest attention available for those calls.
-  A key padding mask is applied by unpadding the keys (flash_attn_varlen_func), so padded
-  caption tokens cost nothing.
+  multiple of 8): FlashAttention-2's hand-tuned CUDA kernels, first because where both run they are
+  expected to beat a Triton kernel. A key padding mask is applied by unpadding the keys
+  (flash_attn_varlen_func), so padded caption tokens cost nothing.
 - ``triton`` (kernels/attention.py; CUDA, or CPU through the interpreter when forced): our flash
   attention. It reads the key padding mask in place (no materialized bias), picks tiles from the
   sequence lengths (short temporal sequences do not pad to 128-wide tiles), handles head dims such
-  as 72 and 88 without padding them to 128, and also runs fp32. It comes before xformers and
-  torch because it covers every CUDA call up to head dim 256 with one tested kernel whose masked
-  path is as fast as its unmasked one.
+  as 72 and 88 without padding them to 128, and also runs fp32. It comes before xformers and torch
+  because it covers every CUDA call up to head dim 256 with one kernel tested here against the
+  float64 reference, while SDPA's fast flash kernel rejects masks and falls back to slower ones.
 - ``xformers`` (when xformers imports; CUDA): memory_efficient_attention with an additive bias for
   masks; a fallback for what triton declines (head dims above 256, triton missing).
 - ``torch``: F.scaled_dot_product_attention with a boolean mask; runs anything valid, any device
   and float64. Its flash kernel rejects masks, so masked calls run its memory-efficient or math
   kernels on an expanded mask.
+
+bench/bench_attention.py times triton, SDPA and flash-attn on the model's shapes; that is where
+this order is to be checked on a GPU.
 
 The float64 reference ``attention_reference`` is the ground truth the tests compare against.
 """
@@ -64,7 +67,7 @@ def _check(q, k, v, key_padding_mask, scale) -> None:
         raise ValueError(f"attention: q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; expected one dtype")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"attention: q, k, v are on {q.device}, {k.device}, {v.device}; expected one device")
-    B, H, Lq, D = q.shape
+    B, H, _, D = q.shape
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"attention: k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; expected equal shapes")
     if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
@@ -269,7 +272,7 @@ def xformers_bias(key_padding_mask: torch.Tensor, H: int, Lq: int, dtype: torch.
 def _xformers_run(q, k, v, key_padding_mask, scale, *, module=None):
     xops = module if module is not None else _xformers()[0]
     scale = _scale(q, scale)
-    B, H, Lq, D = q.shape
+    _, H, Lq, _ = q.shape
     bias = None if key_padding_mask is None else xformers_bias(key_padding_mask, H, Lq, q.dtype)
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           attn_bias=bias, scale=scale).transpose(1, 2)
