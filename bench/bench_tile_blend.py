@@ -50,7 +50,7 @@ def cases(device: str, quick: bool) -> List[Case]:
                          for _, s, _, _ in places)
         nbytes = tile_bytes + 2 * out.numel() * 4  # plus the normalize pass
 
-        def run(backend):
+        def run(backend, out=out, wsum=wsum, places=places, tiles=tiles):  # bind this shape's buffers
             def go():
                 out.zero_()
                 wsum.zero_()

@@ -16,6 +16,7 @@ import functools
 import contextvars
 import logging
 import os
+from types import MappingProxyType
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -43,7 +44,9 @@ class Backend:
     why_not: Callable[..., Optional[str]]
 
 
-_OVERRIDE: contextvars.ContextVar[Dict[str, str]] = contextvars.ContextVar("osp_backend_override", default={})
+# Read-only mapping: use_backend sets a fresh dict, never mutates the current one.
+_OVERRIDE: contextvars.ContextVar[Dict[str, str]] = contextvars.ContextVar("osp_backend_override",
+                                                                          default=MappingProxyType({}))
 _REGISTRY: Dict[str, "Op"] = {}
 _LOGGED: set = set()
 
