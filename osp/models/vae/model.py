@@ -15,7 +15,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...nn import CausalConv3d
-from . import checkpoint
+from . import checkpoint, tiling
 from .blocks import NORM_GROUPS
 from .distribution import DiagonalGaussianDistribution
 from .encoder_decoder import (
@@ -196,7 +196,9 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         self._check_clip(x, pad)
         if pad:
             x = self.pad_clip(x)
-        moments = self.quant_conv(self.encoder(x))
+        moments = tiling.tiled_encode(self, self._tiling, x) if self._tiling is not None else None
+        if moments is None:
+            moments = self.quant_conv(self.encoder(x))
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -208,8 +210,45 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != E:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"CausalVideoVAE.decode: z has shape {shape}; expected (B, {E}, T', h, w)")
-        dec = self.decoder(self.post_quant_conv(z))
+        dec = tiling.tiled_decode(self, self._tiling, z) if self._tiling is not None else None
+        if dec is None:
+            dec = self.decoder(self.post_quant_conv(z))
         return DecoderOutput(sample=dec) if return_dict else (dec,)
+
+    # --- tiled inference ------------------------------------------------------------------------------
+
+    _tiling: Optional[tiling.TilingConfig] = None
+
+    def enable_tiling(self, mode: str = "stream", tile_sample_size: int = 256, tile_frames: Optional[int] = None,
+                      overlap: float = 0.25, norm: Optional[str] = None, progress: Optional[bool] = None) -> None:
+        """Tile ``decode`` and ``encode`` whenever the input exceeds one tile (``osp.models.vae.tiling``).
+
+        Args:
+            mode: "stream" (spatial and temporal tiles blended into one preallocated output: peak memory
+                about the output plus one tile's activations) or "osp-v1.0" (upstream v1.0's
+                tiled_decode2d / tiled_encode2d, spatial only, reproducing its results).
+            tile_sample_size: tile side in sample pixels (a multiple of spatial_compression; 256 = 32
+                latents).
+            tile_frames: "stream" only: sample frames per temporal tile, 1 + 4k (e.g. 17); None tiles
+                space only.
+            overlap: fraction of a tile that neighbours share, in [0, 1) (upstream's
+                tile_overlap_factor).
+            norm: GroupNorm statistics in "stream" mode: "global" (of the whole input, exact, one
+                pass per norm layer: slow, seam-free), "estimate" (from one pass over a subsample
+                of the input: cheap, approximate) or "tile" (each tile's own, as upstream). Default
+                "global" for "stream" and "tile" (the only choice) for "osp-v1.0".
+            progress: tqdm progress bars over tiles: None shows them when stderr is a terminal.
+        """
+        self._tiling = tiling.make_config(self, mode=mode, tile_sample_size=tile_sample_size,
+                                          tile_frames=tile_frames, overlap=overlap, norm=norm, progress=progress)
+
+    def disable_tiling(self) -> None:
+        """Decode and encode untiled again."""
+        self._tiling = None
+
+    @property
+    def use_tiling(self) -> bool:
+        return self._tiling is not None
 
     def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
                 generator: Optional[torch.Generator] = None, pad: bool = False
