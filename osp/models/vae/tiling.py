@@ -99,10 +99,7 @@ def make_config(vae, mode="stream", tile_sample_size=256, tile_frames=None, over
         if int(L * (1 - overlap)) < 1 or int(tile_sample_size * (1 - overlap)) < 1:
             raise ValueError(f"enable_tiling: overlap={overlap!r} with tile_sample_size={tile_sample_size} leaves a "
                              "latent stride of 0; expected a smaller overlap or a larger tile")
-    else:
-        if L - int(L * overlap) < 1:
-            raise ValueError(f"enable_tiling: overlap={overlap!r} with tile_sample_size={tile_sample_size} leaves a "
-                             "latent stride of 0; expected a smaller overlap or a larger tile")
+    else:  # the stream stride L - int(L * overlap) is >= 1 for every overlap < 1
         if tile_frames is not None and (not isinstance(tile_frames, int) or isinstance(tile_frames, bool)
                                         or tile_frames < 1 + tc or (tile_frames - 1) % tc):
             raise ValueError(f"enable_tiling: tile_frames={tile_frames!r}; expected None (no temporal tiles) or "
