@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
@@ -287,7 +286,9 @@ def stream(cfg: TilingConfig, net: Callable[[torch.Tensor], torch.Tensor], modul
 
 
 def _blend_pass(cfg, net, x, tiles, out_shape, kind):
-    out = torch.zeros(out_shape, device=x.device, dtype=x.dtype)
+    # fp32 accumulator whatever the model's dtype (bf16 sums of weighted tiles lose the seams' precision);
+    # it is the output's size, small next to one tile's activations.
+    out = torch.zeros(out_shape, device=x.device, dtype=torch.float32)
     wsum = torch.zeros(out_shape[2:], device=x.device, dtype=torch.float32)
     with _bar(cfg, len(tiles), f"tiled {kind}") as bar:
         for tile in tiles:
@@ -297,7 +298,7 @@ def _blend_pass(cfg, net, x, tiles, out_shape, kind):
             ops.blend_tile_(out, wsum, y, tile.offset, tile.lo, tile.hi)
             del y
             bar.update(1)
-    return ops.blend_normalize_(out, wsum)
+    return ops.blend_normalize_(out, wsum).to(x.dtype)
 
 
 def _collect_exact(cfg, net, norms, x, tiles, kind):
