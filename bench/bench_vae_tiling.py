@@ -105,7 +105,7 @@ def cases(device: str, quick: bool) -> List[Case]:
             fn = (lambda v=variant, z=z: _decode(vae, spec, z, v))
             if cuda:
                 holder = {}
-                peaks[variant] = _peak_cuda(lambda: holder.setdefault("y", fn()))
+                peaks[variant] = _peak_cuda(lambda holder=holder, fn=fn: holder.setdefault("y", fn()))
                 results[variant] = holder["y"].float().cpu()
             else:
                 peaks[variant] = _peak_cpu(size, variant)
