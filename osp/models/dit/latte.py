@@ -20,6 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ... import ops
+from ..loading import StrictLoadingMixin
 from .blocks import MODULATIONS, CaptionSegment, LatteBlock
 from .embeddings import (
     AdaLNSingle,
@@ -105,7 +106,7 @@ def _check_common(cls_name: str, heads, head_dim, in_channels, out_channels, num
     return hw
 
 
-class _LatteCore:
+class _LatteCore(StrictLoadingMixin):
     """What the three Latte models share: patch embedding, block stack, output head, checkpoints.
 
     Subclasses build their conditioning and call ``_build_core`` (before their own embeddings, so
@@ -261,63 +262,8 @@ class _LatteCore:
                 logger.info("%s config: ignoring field %s=%r (not used by this model)", cls.__name__, key, value)
         return super().extract_init_dict(kept, **kwargs)
 
-    @classmethod
-    def _checked_config(cls, config: dict, overrides: dict) -> dict:
-        name = config.get("_class_name")
-        if name is not None and name not in cls.UPSTREAM_CLASS_NAMES + (cls.__name__,):
-            raise ValueError(f"config has _class_name {name!r}; expected {cls.__name__!r}")
-        known = set(cls._get_init_keys(cls)) - {"self"}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}.from_pretrained: unknown config fields {unknown}; expected some of {sorted(known)}")
-        return {**config, **overrides}
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, subfolder: Optional[str] = None,
-                        torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
-                        weights_only: bool = True, variant: Optional[str] = None,
-                        use_safetensors: Optional[bool] = None, revision: Optional[str] = None,
-                        cache_dir: Optional[str] = None, token: Optional[str] = None,
-                        local_files_only: Optional[bool] = None, force_download: Optional[bool] = None,
-                        low_cpu_mem_usage: Optional[bool] = None, **config_overrides):
-        """Load a model strictly: every key the model expects must be present with its shape, and any
-        other key is an error naming it.
-
-        Args:
-            pretrained_model_name_or_path: a directory with config.json and
-                diffusion_pytorch_model.safetensors (or .bin), as upstream's release (e.g. its
-                ``17x256x256`` folder) and ``save_pretrained`` write; a single weights file whose
-                config comes from ``config`` or a config.json beside it; or a Hugging Face Hub repo id
-                (with ``subfolder``, e.g. "17x256x256").
-            config: a config dict or path to a config.json, overriding the one found with the weights.
-            torch_dtype: dtype of the parameters and buffers (default float32). device: where to put them.
-            weights_only: passed to torch.load for pickled checkpoints.
-            variant, use_safetensors: which weight file of a directory to read, as in diffusers.
-            revision, cache_dir, token, local_files_only, force_download: Hub download options.
-            low_cpu_mem_usage: accepted for diffusers compatibility; loading never initializes weights
-                (the model is built on the meta device and takes the checkpoint's tensors).
-            config_overrides: config fields to replace.
-        """
-        from ..vae import checkpoint
-
-        cfg, weights_path = checkpoint.locate(
-            pretrained_model_name_or_path, subfolder=subfolder, config=config, variant=variant,
-            use_safetensors=use_safetensors, revision=revision, cache_dir=cache_dir, token=token,
-            local_files_only=local_files_only, force_download=force_download,
-        )
-        cfg = cls._checked_config(cfg, config_overrides)
-        with torch.device("meta"):
-            model = cls.from_config(cfg)
-        state_dict = checkpoint.check_state_dict(
-            model, checkpoint.read_weights(weights_path, weights_only=weights_only), source=repr(weights_path),
-            ignored_prefixes=(),
-        )
-        dtype = torch_dtype or torch.float32
-        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        model.reset_buffers(device=device, dtype=torch_dtype)
-        model.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
-        return model.eval()
+    def _after_load(self, device, dtype: Optional[torch.dtype]) -> None:
+        self.reset_buffers(device=device, dtype=dtype)
 
 
 def _caption_keep(fn: str, mask, b: int, groups: int, L: int, device) -> Optional[torch.Tensor]:

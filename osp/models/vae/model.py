@@ -15,7 +15,8 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...nn import CausalConv3d
-from . import checkpoint, tiling
+from ..loading import StrictLoadingMixin
+from . import tiling
 from .blocks import NORM_GROUPS
 from .distribution import DiagonalGaussianDistribution
 from .encoder_decoder import (
@@ -32,13 +33,11 @@ from .encoder_decoder import (
     check_name,
 )
 
-# Upstream's class name in its config.json; osp's own saves say "CausalVideoVAE".
-UPSTREAM_CLASS_NAMES = ("CausalVAEModel",)
 # Fields of upstream's config that configure its training loss / optimizer, not the autoencoder.
 TRAINING_ONLY_FIELDS = ("loss_type", "loss_params", "lr")
 
 
-class CausalVideoVAE(ModelMixin, ConfigMixin):
+class CausalVideoVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""Causal video VAE of Open-Sora-Plan v1.0 (numerics spec B).
 
     A Stable-Diffusion-style KL autoencoder in which every conv is a causal 3-D conv (frame 0
@@ -61,6 +60,11 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     ``in_channels``/``out_channels`` (3) and ``scaling_factor`` (0.18215: multiply posterior samples
     by it for the diffusion model, divide before ``decode``; the model itself never scales).
     """
+
+    # Upstream's class name in its config.json (osp's own saves say "CausalVideoVAE"). Upstream builds
+    # its training loss (LPIPS + discriminator) inside the model: its checkpoints carry loss.* keys.
+    UPSTREAM_CLASS_NAMES = ("CausalVAEModel",)
+    IGNORED_KEY_PREFIXES = ("loss.",)
 
     _supports_gradient_checkpointing = True
 
@@ -277,66 +281,6 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         # would warn about them or keep them as hidden config entries.
         config_dict = {k: v for k, v in config_dict.items() if k not in TRAINING_ONLY_FIELDS}
         return super().extract_init_dict(config_dict, **kwargs)
-
-    @classmethod
-    def _checked_config(cls, config: dict, overrides: dict) -> dict:
-        name = config.get("_class_name")
-        if name is not None and name not in UPSTREAM_CLASS_NAMES + ("CausalVideoVAE", cls.__name__):
-            raise ValueError(
-                f"config has _class_name {name!r}; expected {cls.__name__!r} or upstream's {UPSTREAM_CLASS_NAMES[0]!r}"
-            )
-        known = set(cls._get_init_keys(cls)) - {"self"}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(
-                f"{cls.__name__}.from_pretrained: unknown arguments or config fields {unknown}; config fields are "
-                f"{sorted(known)}"
-            )
-        return {**config, **overrides}
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, subfolder: Optional[str] = None,
-                        torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
-                        weights_only: bool = True, variant: Optional[str] = None,
-                        use_safetensors: Optional[bool] = None, revision: Optional[str] = None,
-                        cache_dir: Optional[str] = None, token: Optional[str] = None,
-                        local_files_only: Optional[bool] = None, force_download: Optional[bool] = None,
-                        low_cpu_mem_usage: Optional[bool] = None, **config_overrides) -> CausalVideoVAE:
-        """Load a model, strictly: every key the model expects must be present with its shape, and any
-        other key is an error naming it (upstream's training-only ``loss.*`` keys are dropped).
-
-        Args:
-            pretrained_model_name_or_path: a directory with config.json and
-                diffusion_pytorch_model.safetensors (or .bin), as upstream's release and
-                ``save_pretrained`` write; a single weights file (.safetensors, or an upstream Lightning
-                .ckpt whose weights are under "state_dict"), whose config comes from ``config`` or a
-                config.json beside it; or a Hugging Face Hub repo id (with ``subfolder``, e.g. "vae").
-            config: a config dict or path to a config.json, overriding the one found with the weights.
-            torch_dtype: dtype of the loaded parameters (default float32). device: where to put them.
-            weights_only: passed to torch.load for pickled checkpoints; set False only for a trusted
-                file that holds other objects (some Lightning checkpoints do).
-            variant, use_safetensors: which weight file of a directory to read, as in diffusers.
-            revision, cache_dir, token, local_files_only, force_download: Hub download options.
-            low_cpu_mem_usage: accepted for diffusers compatibility; loading never initializes weights
-                (the model is built on the meta device and takes the checkpoint's tensors).
-            config_overrides: config fields to replace, e.g. ``encoder_attention="AttnBlock3DFix"``.
-        """
-        cfg, weights_path = checkpoint.locate(
-            pretrained_model_name_or_path, subfolder=subfolder, config=config, variant=variant,
-            use_safetensors=use_safetensors, revision=revision, cache_dir=cache_dir, token=token,
-            local_files_only=local_files_only, force_download=force_download,
-        )
-        cfg = cls._checked_config(cfg, config_overrides)
-        with torch.device("meta"):
-            model = cls.from_config(cfg)
-        state_dict = checkpoint.check_state_dict(
-            model, checkpoint.read_weights(weights_path, weights_only=weights_only), source=repr(weights_path)
-        )
-        dtype = torch_dtype or torch.float32
-        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        model.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
-        return model.eval()
 
     @classmethod
     def from_image_vae(cls, vae2d, init: str = "tail", **config_overrides) -> "CausalVideoVAE":

@@ -1,5 +1,6 @@
-"""Reading upstream and osp VAE checkpoints: diffusers directories, single weight files, and
-Lightning ``.ckpt`` files, loaded strictly (every missing or unexpected key is an error naming it)."""
+"""Strict checkpoint loading shared by osp's models: diffusers directories, single weight files,
+Lightning ``.ckpt`` files and Hub repos, where every missing, unexpected or mis-shaped key is an
+error naming it. ``StrictLoadingMixin`` gives a model its ``from_pretrained``."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,6 @@ import torch
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TORCH_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-# Upstream builds its training loss (LPIPS + discriminator) inside the model, so its checkpoints
-# may carry these; they are not part of the autoencoder.
-IGNORED_PREFIXES = ("loss.",)
 
 
 def read_weights(path: str, weights_only: bool = True) -> Dict[str, torch.Tensor]:
@@ -116,7 +114,7 @@ def _listing(keys: Iterable[str], limit: int = 20) -> str:
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint",
-                     ignored_prefixes: Tuple[str, ...] = IGNORED_PREFIXES) -> Dict[str, torch.Tensor]:
+                     ignored_prefixes: Tuple[str, ...] = ()) -> Dict[str, torch.Tensor]:
     """Drop ignored training-only keys, then demand exactly the model's keys with its shapes.
 
     Returns the filtered state dict; raises ValueError naming every missing, unexpected or
@@ -138,3 +136,73 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     if problems:
         raise ValueError(f"{type(model).__name__}: {source} does not match the model's config: " + "; ".join(problems))
     return sd
+
+
+class StrictLoadingMixin:
+    """``from_pretrained`` for a diffusers ModelMixin + ConfigMixin model (list it first among the
+    bases). Subclasses set ``UPSTREAM_CLASS_NAMES`` (config ``_class_name`` values accepted besides
+    their own), ``IGNORED_KEY_PREFIXES`` (training-only checkpoint keys to drop) and may override
+    ``_after_load`` (e.g. to rebuild non-persistent buffers on the meta-built model)."""
+
+    UPSTREAM_CLASS_NAMES: Tuple[str, ...] = ()
+    IGNORED_KEY_PREFIXES: Tuple[str, ...] = ()
+
+    def _after_load(self, device, dtype: Optional[torch.dtype]) -> None:
+        """Called once the checkpoint's tensors are in place."""
+
+    @classmethod
+    def _checked_config(cls, config: dict, overrides: dict) -> dict:
+        name = config.get("_class_name")
+        if name is not None and name not in cls.UPSTREAM_CLASS_NAMES + (cls.__name__,):
+            raise ValueError(f"config has _class_name {name!r}; expected {cls.__name__!r}"
+                             + (f" or upstream's {cls.UPSTREAM_CLASS_NAMES[0]!r}" if cls.UPSTREAM_CLASS_NAMES else ""))
+        known = set(cls._get_init_keys(cls)) - {"self"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_pretrained: unknown arguments or config fields {unknown}; "
+                             f"config fields are {sorted(known)}")
+        return {**config, **overrides}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, config=None, subfolder: Optional[str] = None,
+                        torch_dtype: Optional[torch.dtype] = None, device=None,
+                        weights_only: bool = True, variant: Optional[str] = None,
+                        use_safetensors: Optional[bool] = None, revision: Optional[str] = None,
+                        cache_dir: Optional[str] = None, token: Optional[str] = None,
+                        local_files_only: Optional[bool] = None, force_download: Optional[bool] = None,
+                        low_cpu_mem_usage: Optional[bool] = None, **config_overrides):
+        """Load a model, strictly: every key the model expects must be present with its shape, and any
+        other key is an error naming it (the class's ``IGNORED_KEY_PREFIXES`` are dropped first).
+
+        Args:
+            pretrained_model_name_or_path: a directory with config.json and
+                diffusion_pytorch_model.safetensors (or .bin), as upstream's release and
+                ``save_pretrained`` write; a single weights file (.safetensors, or a Lightning .ckpt
+                whose weights are under "state_dict"), whose config comes from ``config`` or a
+                config.json beside it; or a Hugging Face Hub repo id (with ``subfolder``).
+            config: a config dict or path to a config.json, overriding the one found with the weights.
+            torch_dtype: dtype of the loaded parameters (default float32). device: where to put them.
+            weights_only: passed to torch.load for pickled checkpoints; set False only for a trusted
+                file that holds other objects (some Lightning checkpoints do).
+            variant, use_safetensors: which weight file of a directory to read, as in diffusers.
+            revision, cache_dir, token, local_files_only, force_download: Hub download options.
+            low_cpu_mem_usage: accepted for diffusers compatibility; loading never initializes weights
+                (the model is built on the meta device and takes the checkpoint's tensors).
+            config_overrides: config fields to replace.
+        """
+        cfg, weights_path = locate(
+            pretrained_model_name_or_path, subfolder=subfolder, config=config, variant=variant,
+            use_safetensors=use_safetensors, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only, force_download=force_download,
+        )
+        cfg = cls._checked_config(cfg, config_overrides)
+        with torch.device("meta"):
+            model = cls.from_config(cfg)
+        state_dict = check_state_dict(model, read_weights(weights_path, weights_only=weights_only),
+                                      source=repr(weights_path), ignored_prefixes=cls.IGNORED_KEY_PREFIXES)
+        dtype = torch_dtype or torch.float32
+        state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model._after_load(device, torch_dtype)
+        model.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return model.eval()
