@@ -34,15 +34,21 @@ ACTIVATIONS = {None: 0, "silu": 1}
 
 
 @triton.jit
-def _tile(n, offs_s, s_hi, offs_g, G, Cg, c0, sxn, sxc, sxs, BLOCK_CG: tl.constexpr):
-    """int64 element offsets, mask and channel index of one (BLOCK_S, BLOCK_G, BLOCK_CG) tile."""
+def _channels(offs_g, G, Cg, c0, BLOCK_CG: tl.constexpr):
+    """Channel index and mask (BLOCK_G, BLOCK_CG) of channels c0.. of the groups offs_g."""
     offs_c = c0 + tl.arange(0, BLOCK_CG)
     ch = offs_g[:, None] * Cg + offs_c[None, :]
     ch_mask = (offs_g < G)[:, None] & (offs_c < Cg)[None, :]
+    return ch, ch_mask
+
+
+@triton.jit
+def _tile(n, offs_s, s_hi, ch, ch_mask, sxn, sxc, sxs):
+    """int64 element offsets and mask of one (BLOCK_S, BLOCK_G, BLOCK_CG) tile."""
     mask = (offs_s < s_hi)[:, None, None] & ch_mask[None, :, :]
     offs = (n.to(tl.int64) * sxn + offs_s.to(tl.int64)[:, None, None] * sxs
             + ch.to(tl.int64)[None, :, :] * sxc)
-    return offs, mask, ch, ch_mask
+    return offs, mask
 
 
 @triton.jit
@@ -85,9 +91,9 @@ def _gn_stats_kernel(X, PART, S, G, Cg, n_gblocks, s_per_split, SPLITS, sxn, sxc
     m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
     for c0 in range(0, Cg, BLOCK_CG):
         n_c = tl.minimum(Cg - c0, BLOCK_CG)
+        ch, ch_mask = _channels(offs_g, G, Cg, c0, BLOCK_CG)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            offs, mask, ch, ch_mask = _tile(n, offs_s, s_hi, offs_g, G, Cg, c0, sxn, sxc, sxs, BLOCK_CG)
+            offs, mask = _tile(n, s0 + tl.arange(0, BLOCK_S), s_hi, ch, ch_mask, sxn, sxc, sxs)
             v = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             t_cnt = (tl.minimum(s_hi - s0, BLOCK_S) * n_c).to(tl.float32)
             t_mean = tl.sum(tl.sum(v, axis=2), axis=0) / t_cnt
@@ -125,7 +131,7 @@ def _gn_apply_kernel(X, Y, W, B, PART, MEAN, RSTD, S, G, Cg, n_gblocks, s_per_sp
     s_hi = tl.minimum(s_lo + s_per_split, S)
     for c0 in range(0, Cg, BLOCK_CG):
         offs_s0 = tl.arange(0, BLOCK_S)
-        _, _, ch, ch_mask = _tile(n, offs_s0, 0, offs_g, G, Cg, c0, sxn, sxc, sxs, BLOCK_CG)
+        ch, ch_mask = _channels(offs_g, G, Cg, c0, BLOCK_CG)
         scale = tl.broadcast_to(rstd[:, None], ch.shape)
         shift = tl.broadcast_to((-mean * rstd)[:, None], ch.shape)
         if HAS_W:
@@ -135,7 +141,7 @@ def _gn_apply_kernel(X, Y, W, B, PART, MEAN, RSTD, S, G, Cg, n_gblocks, s_per_sp
         if HAS_B:
             shift = shift + tl.load(B + ch, mask=ch_mask, other=0.0).to(tl.float32)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask, _, _ = _tile(n, s0 + offs_s0, s_hi, offs_g, G, Cg, c0, sxn, sxc, sxs, BLOCK_CG)
+            offs, mask = _tile(n, s0 + offs_s0, s_hi, ch, ch_mask, sxn, sxc, sxs)
             z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :, :] + shift[None, :, :]
             if ACT == 1:
                 z = z / (1.0 + tl.exp(-z))
@@ -158,7 +164,7 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PDZ, PDZX, S, C, G, Cg, n_gbl
     s_hi = tl.minimum(s_lo + s_per_split, S)
     for c0 in range(0, Cg, BLOCK_CG):
         offs_s0 = tl.arange(0, BLOCK_S)
-        _, _, ch, ch_mask = _tile(n, offs_s0, 0, offs_g, G, Cg, c0, sxn, sxc, sxs, BLOCK_CG)
+        ch, ch_mask = _channels(offs_g, G, Cg, c0, BLOCK_CG)
         w = tl.full(ch.shape, 1.0, tl.float32)
         b = tl.zeros(ch.shape, tl.float32)
         if HAS_W:
@@ -168,7 +174,7 @@ def _gn_bwd_reduce_kernel(X, DY, W, B, MEAN, RSTD, PDZ, PDZX, S, C, G, Cg, n_gbl
         acc_dz = tl.zeros(ch.shape, tl.float32)
         acc_dzx = tl.zeros(ch.shape, tl.float32)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask, _, _ = _tile(n, s0 + offs_s0, s_hi, offs_g, G, Cg, c0, sxn, sxc, sxs, BLOCK_CG)
+            offs, mask = _tile(n, s0 + offs_s0, s_hi, ch, ch_mask, sxn, sxc, sxs)
             xhat = (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[None, :, None]) * rstd[None, :, None]
             gy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             dz = tl.where(mask, _act_grad(gy, xhat * w[None, :, :] + b[None, :, :], ACT), 0.0)
@@ -197,7 +203,7 @@ def _gn_bwd_dx_kernel(X, DY, DX, W, B, MEAN, RSTD, GA, GB, S, G, Cg, n_gblocks, 
     s_hi = tl.minimum(s_lo + s_per_split, S)
     for c0 in range(0, Cg, BLOCK_CG):
         offs_s0 = tl.arange(0, BLOCK_S)
-        _, _, ch, ch_mask = _tile(n, offs_s0, 0, offs_g, G, Cg, c0, sxn, sxc, sxs, BLOCK_CG)
+        ch, ch_mask = _channels(offs_g, G, Cg, c0, BLOCK_CG)
         w = tl.full(ch.shape, 1.0, tl.float32)
         b = tl.zeros(ch.shape, tl.float32)
         if HAS_W:
@@ -205,7 +211,7 @@ def _gn_bwd_dx_kernel(X, DY, DX, W, B, MEAN, RSTD, GA, GB, S, G, Cg, n_gblocks, 
         if HAS_B:
             b = tl.load(B + ch, mask=ch_mask, other=0.0).to(tl.float32)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs, mask, _, _ = _tile(n, s0 + offs_s0, s_hi, offs_g, G, Cg, c0, sxn, sxc, sxs, BLOCK_CG)
+            offs, mask = _tile(n, s0 + offs_s0, s_hi, ch, ch_mask, sxn, sxc, sxs)
             xhat = (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[None, :, None]) * rstd[None, :, None]
             gy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             dxhat = _act_grad(gy, xhat * w[None, :, :] + b[None, :, :], ACT) * w[None, :, :]

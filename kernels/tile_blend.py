@@ -18,8 +18,9 @@ import triton.language as tl
 
 @triton.jit
 def _ramp(i, n, lo, hi):
-    up = (i + 1).to(tl.float32) / (lo + 1).to(tl.float32)
-    down = (n - i).to(tl.float32) / (hi + 1).to(tl.float32)
+    # Float literals, not .to(): an int argument equal to 1 arrives as a compile-time constant.
+    up = (i + 1).to(tl.float32) / (lo + 1.0)
+    down = (n - i).to(tl.float32) / (hi + 1.0)
     return tl.minimum(tl.minimum(up, down), 1.0)
 
 
