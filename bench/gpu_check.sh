@@ -35,14 +35,15 @@ if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$lo
     echo "editable install failed (see $log); falling back to a source-tree link for osp.kernels" | tee -a "$log"
     [ -e osp/kernels ] || ln -s ../kernels osp/kernels
 fi
-{ $PY -m osp info; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv; } 2>&1 | tee -a "$log"
+{ $PY -m osp info; $PY -c "import diffusers; print('diffusers', diffusers.__version__, 'imports')"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv; } 2>&1 | tee -a "$log"
 publish
 
 test_rc=0
 if [[ ",$parts," == *",tests,"* ]]; then
     # Kernels compile on first use: several workers overlap compilation when pytest-xdist is there.
     xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
-    $PY -m pytest -q -rfEs tests $xdist -p no:cacheprovider --timeout 300 2>&1 | tee -a "$log"
+    timeout=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300")
+    $PY -m pytest -q -rfEs tests $xdist $timeout -p no:cacheprovider 2>&1 | tee -a "$log"
     test_rc=${PIPESTATUS[0]}
     publish
 fi

@@ -94,3 +94,12 @@ def test_gated_residual(x_shape, m_shape, strided, dtype, backend):
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_modulation_keeps_the_tokens_dtype(backend):
+    """fp32 modulation rows next to fp16 tokens (mixed precision): the result stays in x's dtype."""
+    x = torch.randn(2, 5, 40, device=DEVICE).half()
+    m = torch.randn(2, 40, device=DEVICE)
+    assert layer_norm_modulate(x, m, m, backend=backend).dtype == torch.float16
+    assert gated_residual(x, m, x, backend=backend).dtype == torch.float16

@@ -1024,12 +1024,8 @@ def test_import_osp_does_not_need_diffusers():
 
 def test_backends_agree():
     """A tiny VAE on the triton backends against the torch ones."""
-    ops = osp.ops.registered_ops()
-    missing = [name for name in ("causal_conv3d", "group_norm", "attention") if "triton" not in ops[name].backends]
-    if missing:
-        pytest.skip(f"no triton backend yet for {missing}")
     # One level (2x down in space and time, a shortcut conv) and the mid block: every block type, few
-    # norms (each interpreted GroupNorm call costs about a second on CPU whatever its size).
+    # norms (interpreted kernels are slow on CPU).
     model = tiny_vae(
         hidden_size_mult=[2], encoder_resnet_blocks=["ResnetBlock3D"], decoder_resnet_blocks=["ResnetBlock3D"],
         encoder_spatial_downsample=["SpatialDownsample2x"], encoder_temporal_downsample=["TimeDownsample2x"],

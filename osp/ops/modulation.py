@@ -64,7 +64,9 @@ def layer_norm_modulate_reference(x, shift, scale, eps=1e-6) -> torch.Tensor:
 
 
 def _lnm_torch(x, shift, scale, eps):
-    return torch.addcmul(_as3(shift), F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + _as3(scale))
+    # Modulation tensors in another dtype (fp32 next to bf16 tokens) must not promote the result.
+    shift, scale = _as3(shift).to(x.dtype), _as3(scale).to(x.dtype)
+    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)
 
 
 def _reduce_like(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -169,7 +171,7 @@ GATED_RESIDUAL = Op(
     "gated_residual",
     [
         Backend("triton", _GatedResidual.apply, _triton_why_not),
-        Backend("torch", lambda x, gate, y: torch.addcmul(x, _as3(gate), y), lambda *a, forced: None),
+        Backend("torch", lambda x, gate, y: torch.addcmul(x, _as3(gate).to(x.dtype), y), lambda *a, forced: None),
     ],
     probe=lambda device, dtype: ((torch.randn(2, 16, 72, device=device, dtype=dtype),
                                   torch.randn(2, 72, device=device, dtype=dtype),

@@ -41,12 +41,6 @@ class CaptionSegment:
     keep: Optional[torch.Tensor] = None
 
 
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, L, H*Dh) -> (B, H, L, Dh) view."""
-    B, L, D = t.shape
-    return t.view(B, L, heads, D // heads).transpose(1, 2)
-
-
 def _merge(t: torch.Tensor) -> torch.Tensor:
     """(B, H, L, Dh) -> (B, L, H*Dh)."""
     B, H, L, Dh = t.shape
