@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from osp.ops import attention
 from osp.ops.attention import ATTENTION
 
-from .harness import Case
+from .harness import INTERPRETER_NOTE, Case, timed
 
 H, D = 16, 72
 # (kind, B, Lq, Lk, valid caption lengths or None)
@@ -45,7 +45,6 @@ CPU_SHAPES = [
 ]
 CPU_HEADS = 2
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-INTERPRETER_NOTE = "Triton interpreter: checks correctness, its timings are not speed"
 
 
 def _upstream_sdpa(bias: Optional[torch.Tensor]) -> Callable:
@@ -71,13 +70,6 @@ def _backend(name: str, mask: Optional[torch.Tensor]) -> Callable:
         return attention(q, k, v, key_padding_mask=mask, backend=name)
 
     return run
-
-
-def _timed(fn: Callable, q, k, v, dy) -> Callable[[], object]:
-    """A zero-argument call of fn: the forward alone when dy is None, else forward and backward."""
-    if dy is None:
-        return lambda: fn(q, k, v)
-    return lambda: fn(q, k, v).backward(dy)
 
 
 def cases(device: str, quick: bool) -> List[Case]:
@@ -115,11 +107,11 @@ def cases(device: str, quick: bool) -> List[Case]:
             else:
                 args, grads = (qg, kg, vg, dy), [qg, kg, vg]
                 nbytes, flops = (6 * Lq + 6 * Lk) * per_head, int(3.5 * fwd_flops)
-            baseline = _timed(baseline_fn, *args)
+            baseline = timed(baseline_fn, args[:3], args[3])
             for name in backends:
                 out.append(Case(
                     op="attention", shape=shape, dtype=DTYPE_NAMES[dtype], layout="bhld", backend=name,
-                    mode=mode, run=_timed(_backend(name, mask), *args), baseline=baseline,
+                    mode=mode, run=timed(_backend(name, mask), args[:3], args[3]), baseline=baseline,
                     baseline_name=baseline_name, bytes=nbytes, flops=flops, grad_to_none=grads,
                     note=INTERPRETER_NOTE if name == "triton" and not cuda else "",
                 ))

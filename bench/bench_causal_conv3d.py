@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from osp.ops import causal_conv3d
 
-from .harness import Case
+from .harness import INTERPRETER_NOTE, Case, timed
 
 KERNEL = (3, 3, 3)
 PADDING = 1
@@ -34,7 +34,6 @@ LAYOUTS = {"ncdhw": torch.contiguous_format, "ndhwc": torch.channels_last_3d}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 BASELINE_NAME = "upstream replicate+cat+F.conv3d"
 PREPADDED_NOTE = "F.conv3d of an input padded before timing: the pad copy left out (a floor, not an op)"
-INTERPRETER_NOTE = "Triton interpreter: checks correctness, its timings are not speed"
 
 
 def _upstream(x, w, b):
@@ -52,17 +51,6 @@ def _backend(name: str) -> Callable:
 
 def _prepadded(x, w, b):
     return F.conv3d(x, w, b, 1, (0, PADDING, PADDING))
-
-
-def _timed(fn: Callable, x, w, b, dy) -> Callable[[], object]:
-    """A zero-argument call of fn: the forward alone when dy is None, else forward and backward."""
-    if dy is None:
-        return lambda: fn(x, w, b)
-
-    def fwd_bwd():
-        fn(x, w, b).backward(dy)
-
-    return fwd_bwd
 
 
 def cases(device: str, quick: bool) -> List[Case]:
@@ -103,10 +91,10 @@ def cases(device: str, quick: bool) -> List[Case]:
                 else:
                     args, pre_args, grads = (xg, wg, bg, dy), (xpg, wg, bg, dy), [xg, wg, bg, xpg]
                     nbytes, nflops = (3 * x_n + 2 * y_n + 3 * p_n) * elem, 3 * flops
-                baseline = _timed(_upstream, *args)
-                rows = [(name, _timed(_backend(name), *args),
+                baseline = timed(_upstream, args[:3], args[3])
+                rows = [(name, timed(_backend(name), args[:3], args[3]),
                          INTERPRETER_NOTE if name == "triton" and not cuda else "") for name in backends]
-                rows.append(("conv3d-prepadded", _timed(_prepadded, *pre_args), PREPADDED_NOTE))
+                rows.append(("conv3d-prepadded", timed(_prepadded, pre_args[:3], pre_args[3]), PREPADDED_NOTE))
                 for name, run, note in rows:
                     out.append(Case(
                         op="causal_conv3d", shape=shape, dtype=DTYPE_NAMES[dtype], layout=layout, backend=name,

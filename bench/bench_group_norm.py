@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from osp.ops import group_norm
 
-from .harness import Case
+from .harness import INTERPRETER_NOTE, Case, timed
 
 GROUPS, EPS = 32, 1e-6
 GPU_SHAPES = [(1, 128, 17, 256, 256), (1, 256, 17, 128, 128), (1, 512, 17, 64, 64), (1, 512, 5, 64, 64)]
@@ -27,7 +27,6 @@ CPU_SHAPES = [(1, 32, 5, 32, 32), (1, 64, 9, 16, 16)]
 LAYOUTS = {"ncdhw": torch.contiguous_format, "ndhwc": torch.channels_last_3d}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 BASELINE_NAME = "torch GroupNorm+SiLU eager"
-INTERPRETER_NOTE = "Triton interpreter: checks correctness, its timings are not speed"
 
 
 def _backend(name: str) -> Callable:
@@ -39,17 +38,6 @@ def _backend(name: str) -> Callable:
 
 def _eager(x, w, b):
     return F.silu(F.group_norm(x, GROUPS, w, b, EPS))
-
-
-def _timed(fn: Callable, x, w, b, dy) -> Callable[[], object]:
-    """A zero-argument call of fn: the forward alone when dy is None, else forward and backward."""
-    if dy is None:
-        return lambda: fn(x, w, b)
-
-    def fwd_bwd():
-        fn(x, w, b).backward(dy)
-
-    return fwd_bwd
 
 
 def cases(device: str, quick: bool) -> List[Case]:
@@ -81,11 +69,11 @@ def cases(device: str, quick: bool) -> List[Case]:
                     args, grads, nbytes = (x, w, b, None), [], (2 * x.numel() + 2 * C) * elem
                 else:
                     args, grads, nbytes = (xg, wg, bg, dy), [xg, wg, bg], (5 * x.numel() + 6 * C) * elem
-                baseline = _timed(_eager, *args)
+                baseline = timed(_eager, args[:3], args[3])
                 for name in backends:
                     out.append(Case(
                         op="group_norm", shape="x".join(map(str, shape)), dtype=DTYPE_NAMES[dtype],
-                        layout=layout, backend=name, mode=mode, run=_timed(_backend(name), *args),
+                        layout=layout, backend=name, mode=mode, run=timed(_backend(name), args[:3], args[3]),
                         baseline=baseline, baseline_name=BASELINE_NAME, bytes=nbytes, flops=None,
                         grad_to_none=grads, note=INTERPRETER_NOTE if name == "triton" and not cuda else "",
                     ))

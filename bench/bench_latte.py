@@ -34,14 +34,13 @@ import torch
 import osp
 from osp.models import LatteT2V
 
-from .harness import Case
+from .harness import INTERPRETER_NOTE, Case
 
 BATCH = 2
 GPU_CONFIG = dict(preset="LatteT2V-XL/122", frames=5, size=32, caption_len=300, valid=(120, 77))
 CPU_CONFIG = dict(overrides=dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, sample_size=8,
                                  caption_channels=32), frames=5, size=8, caption_len=16, valid=(11, 4))
 BASELINE_NAME = "diffusers LatteTransformer3DModel (upstream twin, SDPA, -10000 bias)"
-INTERPRETER_NOTE = "Triton interpreter: checks correctness, its timings are not speed"
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 

@@ -9,21 +9,20 @@ backward (gradients of every input under a random upstream gradient). Shapes are
 from __future__ import annotations
 
 import os
-from typing import Callable, List
+from typing import List
 
 import torch
 import torch.nn.functional as F
 
 from osp.ops import gated_residual, layer_norm_modulate
 
-from .harness import Case
+from .harness import INTERPRETER_NOTE, Case, timed
 
 D = 1152
 # 17x256x256 clips (latent 5x32x32, 256 tokens per frame) and 65x512x512 (17x64x64, 1024 tokens), batch 2.
 GPU_SHAPES = [("spatial", (10, 256, D)), ("temporal", (512, 5, D)), ("spatial", (34, 1024, D)), ("temporal", (2048, 17, D))]
 CPU_SHAPES = [("spatial", (4, 64, 288)), ("temporal", (64, 5, 288))]
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-INTERPRETER_NOTE = "Triton interpreter: checks correctness, its timings are not speed"
 
 
 def _eager_lnm(x, shift, scale):
@@ -32,12 +31,6 @@ def _eager_lnm(x, shift, scale):
 
 def _eager_gated(x, gate, y):
     return x + gate * y
-
-
-def _timed(fn: Callable, args, dy) -> Callable[[], object]:
-    if dy is None:
-        return lambda: fn(*args)
-    return lambda: fn(*args).backward(dy)
 
 
 def cases(device: str, quick: bool) -> List[Case]:
@@ -66,11 +59,11 @@ def cases(device: str, quick: bool) -> List[Case]:
             for mode, args, grads, nbytes in (("fwd", inputs, [], fwd_bytes),
                                               ("fwd+bwd", grads_in, grads_in, bwd_bytes)):
                 d = None if mode == "fwd" else dy
-                baseline = _timed(eager, args, d)
+                baseline = timed(eager, args, d)
                 for be in backends:
                     out.append(Case(
                         op=op, shape=f"{kind} " + "x".join(map(str, shape)), dtype=DTYPE_NAMES[dtype],
-                        layout="bld", backend=be, mode=mode, run=_timed(make(be), args, d), baseline=baseline,
+                        layout="bld", backend=be, mode=mode, run=timed(make(be), args, d), baseline=baseline,
                         baseline_name="torch eager (upstream form)", bytes=nbytes, grad_to_none=grads,
                         note=INTERPRETER_NOTE if be == "triton" and not cuda else "",
                     ))

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
-import subprocess
-import sys
 from typing import List
 
 import torch
@@ -25,7 +22,7 @@ import torch.nn.functional as F
 import osp
 from osp.ops.causal_conv3d import normalize_padding, normalize_stride
 
-from .harness import REPO, Case
+from .harness import Case, peak_cuda_mib, peak_rss_in_subprocess, peak_rss_mib
 
 GPU = dict(config={}, clip=(1, 3, 17, 256, 256), dtype=torch.bfloat16)
 CPU = dict(config=dict(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1), clip=(1, 3, 9, 64, 64),
@@ -68,22 +65,6 @@ def _call(vae, clip, mode, variant):
         return vae.decode(clip).sample
 
 
-def _peak_cuda(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def _peak_cpu(mode: str, variant: str) -> float:
-    """Peak RSS (MiB) of a fresh interpreter doing one call, minus its RSS right before the call."""
-    out = subprocess.run([sys.executable, "-m", "bench.bench_vae", "--peak", mode, variant], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
-
-
 def cases(device: str, quick: bool) -> List[Case]:
     cuda = device.startswith("cuda")
     spec = GPU if cuda else CPU
@@ -95,7 +76,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         variants = {}
         for variant in ("osp", "upstream"):
             fn = (lambda v=variant, m=mode, i=inp: _call(vae, i, m, v))
-            peak = _peak_cuda(fn) if cuda else _peak_cpu(mode, variant)
+            peak = peak_cuda_mib(fn) if cuda else peak_rss_in_subprocess("bench.bench_vae", mode, variant)
             variants[variant] = (fn, peak)
         (fn, peak), (base_fn, base_peak) = variants["osp"], variants["upstream"]
         nbytes = (inp.numel() + (latent if mode == "encode" else clip).numel()) * inp.element_size()
@@ -113,17 +94,7 @@ def _peak_main(mode: str, variant: str) -> None:
     torch.manual_seed(1)
     clip = torch.rand(CPU["clip"]) * 2 - 1
     inp = clip if mode == "encode" else _call(vae, clip, "encode", "osp").clone()
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-    before_kib = _status_kib("VmRSS")
-    _call(vae, inp, mode, variant)
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before_kib) / 1024}))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    print(json.dumps({"peak_mib": peak_rss_mib(lambda: _call(vae, inp, mode, variant))}))
 
 
 if __name__ == "__main__":

@@ -21,13 +21,11 @@ import argparse
 import gc
 import json
 import math
-import subprocess
-import sys
 from typing import Dict, List, Tuple
 
 import torch
 
-from .harness import REPO, Case
+from .harness import Case, peak_cuda_mib, peak_rss_in_subprocess, peak_rss_mib
 
 GPU = dict(config={}, dtype=torch.bfloat16, tile=256, frames=17,
            clips=[(1, 3, 17, 256, 512), (1, 3, 17, 512, 512), (1, 3, 33, 512, 512)])
@@ -77,21 +75,6 @@ def _psnr(out, ref) -> float:
     return 20 * math.log10(2 / math.sqrt(mse)) if mse > 0 else math.inf
 
 
-def _peak_cuda(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def _peak_cpu(size: int, variant: str) -> float:
-    out = subprocess.run([sys.executable, "-m", "bench.bench_vae_tiling", "--peak", str(size), variant], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
-
-
 def cases(device: str, quick: bool) -> List[Case]:
     cuda = device.startswith("cuda")
     spec = GPU if cuda else CPU
@@ -105,10 +88,10 @@ def cases(device: str, quick: bool) -> List[Case]:
             fn = (lambda v=variant, z=z: _decode(vae, spec, z, v))
             if cuda:
                 holder = {}
-                peaks[variant] = _peak_cuda(lambda holder=holder, fn=fn: holder.setdefault("y", fn()))
+                peaks[variant] = peak_cuda_mib(lambda holder=holder, fn=fn: holder.setdefault("y", fn()))
                 results[variant] = holder["y"].float().cpu()
             else:
-                peaks[variant] = _peak_cpu(size, variant)
+                peaks[variant] = peak_rss_in_subprocess("bench.bench_vae_tiling", str(size), variant)
                 results[variant] = fn()
         base_fn = (lambda z=z: _decode(vae, spec, z, "untiled"))
         ref = results["untiled"]
@@ -132,17 +115,7 @@ def cases(device: str, quick: bool) -> List[Case]:
 def _peak_main(size: int, variant: str) -> None:
     vae = _model(CPU, "cpu")
     z = _latent(vae, CPU, CPU["clips"][size], "cpu")
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-    before_kib = _status_kib("VmRSS")
-    _decode(vae, CPU, z, variant)
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before_kib) / 1024}))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    print(json.dumps({"peak_mib": peak_rss_mib(lambda: _decode(vae, CPU, z, variant))}))
 
 
 if __name__ == "__main__":

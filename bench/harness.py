@@ -66,6 +66,50 @@ class Case:
     note: str = ""
 
 
+INTERPRETER_NOTE = "Triton interpreter: checks correctness, its timings are not speed"
+
+
+def timed(fn: Callable, args: Sequence, dy: Optional[torch.Tensor] = None) -> Callable[[], object]:
+    """A zero-argument call of ``fn(*args)``: the forward alone when dy is None, else forward and
+    backward under the upstream gradient dy."""
+    if dy is None:
+        return lambda: fn(*args)
+    return lambda: fn(*args).backward(dy)
+
+
+def peak_cuda_mib(fn: Callable[[], object]) -> float:
+    """MiB that one call of fn allocates on the current CUDA device at its peak, beyond what was live."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_rss_mib(fn: Callable[[], object]) -> float:
+    """MiB by which one call of fn raises this process's resident memory at its peak (Linux: writing
+    "5" to /proc/self/clear_refs resets the high-water mark VmHWM to the current RSS)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def peak_rss_in_subprocess(module: str, *args: str) -> float:
+    """Run ``python -m module --peak *args`` in a fresh interpreter; it prints {"peak_mib": ...} last."""
+    out = subprocess.run([sys.executable, "-m", module, "--peak", *args], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
