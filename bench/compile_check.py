@@ -6,7 +6,7 @@ This compiles each kernel to a cubin for sm_90 with the installed triton and its
 fp16 and fp32; ``--ones`` also recompiles (bf16) with each int argument specialized to 1, as a
 launch with that value would. Exit code 1 when anything fails.
 
-    python -m bench.compile_check [gn cc at mod tb] [--ones] [--arch 90]
+    python -m bench.compile_check [gn cc at mod tb] [--ones] [--dtypes bf16,fp16,fp32] [--arch 90]
 """
 from __future__ import annotations
 
@@ -88,11 +88,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="*", default=["gn", "cc", "at", "mod", "tb"])
     parser.add_argument("--ones", action="store_true", help="also specialize each int argument to 1 (bf16)")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma list of bf16, fp16, fp32")
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
-    for dt in ("bf16", "fp16", "fp32"):
+    for dt in args.dtypes.split(","):
         for label, fn, ptrs, consts in kernels(dt, args.which):
             err = _compile(fn, ptrs, consts, target)
             failed += err is not None
