@@ -29,12 +29,13 @@ int32 unless a head spans 2**31 elements (OFF64), which saves registers.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from osp.ops._triton import interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -281,10 +282,6 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK,
         _store(dq_base, dq1 * sm_scale, offs_m, m_ok, sgqm, offs_d1, D, sgqd, OFF64)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def head_dim_blocks(D: int) -> Tuple[int, int]:
     """(BLOCK_D0, BLOCK_D1) covering D; BLOCK_D1 = 0 when one power-of-two chunk is cheapest.
 
@@ -326,7 +323,7 @@ def _wide(D: int, dtype: torch.dtype) -> bool:
 # 72 and 88 on sm_90 (fp32 and head dims >= 128 spill some: correctness paths, not the model's);
 # short sequences (temporal attention) get tiles no wider than the sequence.
 def forward_config(Lq: int, Lk: int, D: int, dtype: torch.dtype = torch.bfloat16) -> Config:
-    if _interpreting():
+    if interpreting():
         # Small caps keep the tests' short sequences crossing tile boundaries.
         return Config(_tile(Lq, 32), _tile(Lk, 32), 4, 1)
     if _short(Lq, Lk):
@@ -342,7 +339,7 @@ def forward_config(Lq: int, Lk: int, D: int, dtype: torch.dtype = torch.bfloat16
 def backward_config(Lq: int, Lk: int, D: int, dtype: torch.dtype = torch.bfloat16) -> Tuple[Config, Config]:
     """(dK/dV config: block_n resident keys, block_m the query loop; dQ config: block_m resident
     queries, block_n the key loop)."""
-    if _interpreting():
+    if interpreting():
         cfg = Config(_tile(Lq, 32), _tile(Lk, 32), 4, 1)
         return cfg, cfg
     if _short(Lq, Lk):
@@ -358,7 +355,7 @@ def backward_config(Lq: int, Lk: int, D: int, dtype: torch.dtype = torch.bfloat1
 
 def _dot_args(dtype: torch.dtype) -> Tuple[bool, str]:
     """(UPCAST, DOT_PREC): the interpreter computes in fp32; fp32 inputs use exact fp32 dots."""
-    if _interpreting():
+    if interpreting():
         return True, "ieee"
     return False, "ieee" if dtype == torch.float32 else "tf32"
 
@@ -415,7 +412,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                   UPCAST=upcast, DOT_PREC=prec, OFF64=off64)
 
     delta = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
-    delta_rows = 64 if not _interpreting() else 32
+    delta_rows = 64 if not interpreting() else 32
     n_m_delta = triton.cdiv(Lq, delta_rows)
     _attn_bwd_delta_kernel[(n_m_delta * B * H,)](
         o, do, delta, *o.stride(), *do.stride(), H, Lq, D, n_m_delta,

@@ -26,12 +26,14 @@ Offsets are int64: a video activation passes 2**31 elements.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from osp.ops._triton import interpreting
+from osp.ops.causal_conv3d import memory_format_of
 
 
 @triton.jit
@@ -230,10 +232,6 @@ def _dw_kernel(X, DY, PART,
     tl.store(PART + out, acc, mask=co_mask[:, None] & ci_mask[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _block(n: int, lo: int, hi: int) -> int:
     """A power of two covering n, clamped to [lo, hi] (tl.dot needs dims >= 16)."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
@@ -241,7 +239,7 @@ def _block(n: int, lo: int, hi: int) -> int:
 
 def _precision(dtype: torch.dtype) -> Tuple[bool, bool]:
     """(UPCAST, IEEE) for the dot: fp32 inputs run in IEEE fp32 unless cuDNN may use tf32 too."""
-    if _interpreting():
+    if interpreting():
         return True, True
     return False, dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
@@ -253,7 +251,7 @@ def _stages(dtype: torch.dtype) -> int:
 
 def _gemm_blocks(m: int, n: int, k: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x n, reduced over k) tile grid."""
-    if _interpreting():
+    if interpreting():
         # Per-program cost dominates the interpreter: few, large programs.
         return _block(m, 16, 512), _block(n, 16, 64), _block(k, 16, 64), 4, 1
     bn = _block(n, 16, 128)
@@ -261,12 +259,6 @@ def _gemm_blocks(m: int, n: int, k: int, dtype: torch.dtype) -> Tuple[int, int, 
     bm = 128
     warps = 8 if bm * bn >= 128 * 128 else 4
     return bm, bn, bk, warps, _stages(dtype)
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _permuted_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -333,14 +325,14 @@ def backward_dw(dy: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding
     ph, pw = padding
     taps = KT * KH * KW
     P = N * T_out * H_out * W_out
-    if _interpreting():
+    if interpreting():
         b_co, b_ci, b_p, warps, stages = _block(Cout, 16, 64), _block(Cin, 16, 64), _block(P, 16, 512), 4, 1
     else:
         b_co, b_ci, b_p = _block(Cout, 16, 128), _block(Cin, 16, 128), 64
         warps, stages = (8 if b_co * b_ci >= 128 * 128 else 4), _stages(x.dtype)
     n_cob, n_cib = triton.cdiv(Cout, b_co), triton.cdiv(Cin, b_ci)
     p_blocks = triton.cdiv(P, b_p)
-    if _interpreting():
+    if interpreting():
         target = 2 * n_cob * n_cib * taps  # two splits: the host merge is always exercised
     else:
         target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count

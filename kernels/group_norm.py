@@ -23,12 +23,13 @@ anyway); offsets are int64 (a video tensor passes 2**31 elements).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from osp.ops._triton import interpreting
 
 ACTIVATIONS = {None: 0, "silu": 1}
 
@@ -219,10 +220,6 @@ def _gn_bwd_dx_kernel(X, DY, DX, W, B, MEAN, RSTD, GA, GB, S, G, Cg, n_gblocks, 
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _layout(x: torch.Tensor) -> Tuple[int, int, int]:
     """(stride_n, stride_c, stride_s) of a dense NCS or NSC tensor viewed as (N, C, S)."""
     if x.is_contiguous():
@@ -236,7 +233,7 @@ def _config(x: torch.Tensor, num_groups: int):
     S = x[0, 0].numel()
     G = num_groups
     Cg = C // G
-    interp = _interpreting()
+    interp = interpreting()
     channel_last = not x.is_contiguous()
     block_cg = min(triton.next_power_of_2(Cg), 64)
     # NSC: cover as many whole groups as fit in one contiguous row segment. The interpreter pays per

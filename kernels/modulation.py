@@ -12,11 +12,12 @@ x, y: (B, L, D) with contiguous rows; shift, scale, gate: (Bm, D) with Bm = B or
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from osp.ops._triton import interpreting
 
 
 @triton.jit
@@ -113,7 +114,7 @@ def _gated_bwd_kernel(DOUT, GATE, Y, DY, PGATE, L, D, sy_b, sy_l, sg_b,
 def _geometry(L: int, D: int):
     """(BLOCK_R, BLOCK_D, num_warps): whole rows in registers, ~4-8K elements per program."""
     block_d = triton.next_power_of_2(D)
-    budget = 16384 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
+    budget = 16384 if interpreting() else 4096
     block_r = max(1, min(triton.next_power_of_2(L), budget // block_d))
     return block_r, block_d, (8 if block_d * block_r >= 4096 else 4)
 

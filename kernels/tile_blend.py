@@ -9,11 +9,12 @@ out[region] += tile * weight; wsum[region] += weight (by the programs of plane (
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from osp.ops._triton import interpreting
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def blend_tile_(out: torch.Tensor, wsum: torch.Tensor, tile: torch.Tensor, offse
     B, C, T, H, W = out.shape
     _, _, t, h, w = tile.shape
     block_w = triton.next_power_of_2(w)
-    budget = 16384 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 2048
+    budget = 16384 if interpreting() else 2048
     block_h = max(1, min(triton.next_power_of_2(h), budget // block_w))
     grid = (B * C * t, triton.cdiv(h, block_h))
     _blend_kernel[grid](out, wsum, tile, C, T, H, W, t, h, w, *offset,
