@@ -5,6 +5,8 @@ is read through a (kt, kh, kw, Cin, Cout) contiguous permutation so that weight 
 contiguous along the channels. Causal padding is index arithmetic: tap i of output frame t reads
 input frame max(t*st + i - (kt-1), 0) (frame 0 stands in for the replicated frames), and spatial
 zero padding is a masked load. No padded copy of x is ever built.
+Streaming (history=): the forward reads x = cat([history, x]) with output frame t at input frame
+t + T0 (T0 = kt-1), so the clamp never fires; T0 = 0 otherwise. The backward kernels assume T0 = 0.
 
 Forward  y[n, co, t, h, w] = sum_{ci, i, j, l} x[n, ci, max(t*st+i-kt+1, 0), h*sh+j-ph, w*sw+l-pw]
          * W[co, ci, i, j, l] (+ bias[co] + residual[n, co, t, h, w]):
@@ -55,7 +57,7 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(X, WT, B, R, Y,
-                M, Cin, Cout, H, W, T_out, H_out, W_out,
+                M, Cin, Cout, H, W, T_out, H_out, W_out, T0,
                 sxn, sxc, sxt, sxh, sxw,
                 swt, swh, sww, swc, swo,
                 srn, src, srt, srh, srw,
@@ -77,7 +79,7 @@ def _fwd_kernel(X, WT, B, R, Y,
     r = r // H_out
     to = r % T_out
     nb = (r // T_out).to(tl.int64)
-    t_base = to * ST - (KT - 1)
+    t_base = (to + T0) * ST - (KT - 1)  # T0 > 0: frames before the output's first are in x (history)
     h_base = ho * SH - PH
     w_base = wo * SW - PW
     x_row = nb * sxn
@@ -267,8 +269,11 @@ def _permuted_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
-            residual: Optional[torch.Tensor], out_shape) -> torch.Tensor:
-    """y = causal_conv3d(x) (+ bias + residual), in x's dtype and memory format."""
+            residual: Optional[torch.Tensor], out_shape, t0: int = 0) -> torch.Tensor:
+    """y = causal_conv3d(x) (+ bias + residual), in x's dtype and memory format.
+
+    t0 > 0 shifts output frame t to read x's frames from t + t0 - (kt-1): with t0 = kt-1 and x =
+    cat([history, x]) (out_shape's T_out = x's T - t0) that is the streaming conv, no replication."""
     N, Cin, T, H, W = x.shape
     Cout, _, KT, KH, KW = weight.shape
     _, _, T_out, H_out, W_out = out_shape
@@ -283,7 +288,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     r = residual if residual is not None else y
     _fwd_kernel[grid](
         x, wt, bias if bias is not None else y, r, y,
-        M, Cin, Cout, H, W, T_out, H_out, W_out,
+        M, Cin, Cout, H, W, T_out, H_out, W_out, t0,
         *x.stride(), *wt.stride(), *r.stride(), *y.stride(),
         st, sh, sw, ph, pw,
         KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None,

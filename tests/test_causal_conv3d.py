@@ -1,5 +1,6 @@
 """osp.ops.causal_conv3d and osp.nn.CausalConv3d: every backend against the float64 reference,
-forward and all gradients (dx, dweight, dbias, dresidual) under a random upstream gradient."""
+forward and all gradients (dx, dweight, dbias, dresidual) under a random upstream gradient; the
+streaming history= form (chunked video) against the same reference."""
 import itertools
 
 import pytest
@@ -222,6 +223,131 @@ def test_int64_offsets_past_two_to_the_31():
     assert err < 2e-2 * max(1.0, ref.abs().max().item()), f"dx of the last frame off by {err}"
 
 
+# Streaming (history=): (id, (N, Cin, Cout, T, H, W), kernel, stride, spatial padding, residual).
+# kt 3 and 2, odd H and W, spatial stride 2, a T shorter than kt-1, the residual epilogue.
+HISTORY_CASES = [
+    ("k333-p1-T5", (2, 3, 5, 5, 5, 6), (3, 3, 3), (1, 1, 1), 1, False),
+    ("k231-p0-T4-res", (1, 4, 3, 4, 5, 7), (2, 3, 1), (1, 1, 1), 0, True),
+    ("k333-s122-p1-T1", (1, 3, 4, 1, 7, 5), (3, 3, 3), (1, 2, 2), 1, False),
+    ("k323-s122-p1-T3-res", (2, 3, 5, 3, 5, 7), (3, 2, 3), (1, 2, 2), 1, True),
+]
+HISTORY_PARAMS = [(c[1:], lay) for c in HISTORY_CASES for lay in LAYOUTS]
+HISTORY_IDS = [f"{c[0]}-{lay}" for c in HISTORY_CASES for lay in LAYOUTS]
+
+
+def streaming_causal_conv3d(x, w, b, stride, padding, residual, history):
+    """The definition of history=: the previous frames in front instead of replicated frame 0."""
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    y = F.conv3d(torch.cat([history, x], dim=2), w, b, stride, (0, ph, pw))
+    return y if residual is None else y + residual
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case,layout", HISTORY_PARAMS, ids=HISTORY_IDS)
+def test_history_matches_reference(case, layout, dtype, backend):
+    sizes, kernel, stride, padding, with_residual = case
+    N, Cin, Cout, T, H, W = sizes
+    torch.manual_seed(hash((sizes, kernel, stride, padding, layout, str(dtype))) % 2**31)
+    x = make_input((N, Cin, T, H, W), layout, dtype)
+    hist = make_input((N, Cin, kernel[0] - 1, H, W), layout, dtype)
+    fan_in = Cin * kernel[0] * kernel[1] * kernel[2]
+    w = (torch.randn(Cout, Cin, *kernel, device=DEVICE) / fan_in ** 0.5).to(dtype)
+    b = (torch.randn(Cout, device=DEVICE) * 0.5).to(dtype)
+    shape = causal_conv3d_reference(x, w, b, stride=stride, padding=padding).shape
+    assert shape[2] == T
+    res = make_input(tuple(shape), layout, dtype) if with_residual else None
+
+    out = causal_conv3d(x, w, b, stride=stride, padding=padding, residual=res, history=hist, backend=backend)
+    assert out.shape == shape and out.dtype == dtype
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last_3d), "output must keep channels_last_3d"
+    else:
+        assert out.is_contiguous()
+    torch_out = streaming_causal_conv3d(x, w, b, stride, padding, res, hist)
+    d = lambda t: t.double().cpu() if t is not None else None
+    ref = causal_conv3d_reference(x, w, b, stride=stride, padding=padding, residual=res, history=hist)
+    torch.testing.assert_close(ref, streaming_causal_conv3d(d(x), d(w), d(b), stride, padding, d(res), d(hist)).to(ref.device))
+    assert_parity(out, ref, torch_out, "y")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_history_chunks_concatenate_to_the_whole_clip(backend, layout):
+    """A clip run in chunks, each given the previous kt-1 frames, equals the clip run at once."""
+    torch.manual_seed(3)
+    x = make_input((1, 3, 8, 5, 7), layout, torch.float32)
+    w = torch.randn(4, 3, 3, 3, 3, device=DEVICE) / 9
+    b = torch.randn(4, device=DEVICE)
+    whole = causal_conv3d(x, w, b, padding=1, backend=backend)
+    for bounds in ((0, 3, 8), (0, 2, 3, 8), (0, 5, 6, 7, 8)):  # chunks of 1 frame take history from further back
+        parts = [causal_conv3d(x[:, :, :bounds[1]], w, b, padding=1, backend=backend)]
+        for lo, hi in zip(bounds[1:-1], bounds[2:]):
+            parts.append(causal_conv3d(x[:, :, lo:hi], w, b, padding=1, history=x[:, :, lo - 2:lo], backend=backend))
+        torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=1e-5, atol=1e-5, msg=f"chunks {bounds}")
+
+
+def test_history_gradients_through_torch():
+    """Every gradient (x, weight, bias, residual, history) against float64 autograd of the definition."""
+    torch.manual_seed(4)
+    x, hist = torch.randn(1, 2, 3, 4, 5, device=DEVICE), torch.randn(1, 2, 2, 4, 5, device=DEVICE)
+    w, b = torch.randn(3, 2, 3, 3, 2, device=DEVICE) / 6, torch.randn(3, device=DEVICE)
+    res = torch.randn(1, 3, 3, 4, 4, device=DEVICE)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b, res, hist)]
+    out = causal_conv3d(*leaves[:3], padding=(1, 0), residual=leaves[3], history=leaves[4])  # automatic: torch
+    dy = torch.randn(out.shape, device=DEVICE)
+    grads = torch.autograd.grad(out, leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, w, b, res, hist)]
+    ref = streaming_causal_conv3d(*leaves64[:3], (1, 1, 1), (1, 0), leaves64[3], leaves64[4])
+    ref_grads = torch.autograd.grad(ref, leaves64, dy.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, g, rg in zip(["dx", "dweight", "dbias", "dresidual", "dhistory"], grads, ref_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-4, msg=name)
+    # And the float64 torch path passes gradcheck on a tiny case.
+    small = [t.detach().double()[..., :2, :3].requires_grad_(True) for t in (x, hist)]
+    w64 = w.detach().double()[..., :2, :2].requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda xx, ww, hh: causal_conv3d(xx, ww, padding=(0, 1), history=hh, backend="torch"),
+        (small[0], w64, small[1]))
+
+
+def test_history_triton_is_forward_only():
+    """A wanted gradient makes triton decline history=: forced, BackendUnavailable; automatic, torch runs."""
+    x = torch.randn(1, 3, 4, 4, 5, device=DEVICE)
+    hist = torch.randn(1, 3, 2, 4, 5, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, 3, device=DEVICE)
+    op = osp.ops.registered_ops()["causal_conv3d"]
+    expected = streaming_causal_conv3d(x, w, None, (1, 1, 1), 1, None, hist)
+    for name in ("x", "w", "hist"):
+        args = {"x": x, "w": w, "hist": hist}
+        args[name] = args[name].clone().requires_grad_(True)
+        call = (args["x"], args["w"], None, (1, 1, 1), (1, 1), None, args["hist"])
+        assert "forward-only" in op.backends["triton"].why_not(*call, forced=True)
+        assert "forward-only" in op.explain(*call)["triton"] or DEVICE == "cpu"  # cpu: the interpreter declines first
+        with pytest.raises(BackendUnavailable, match="forward-only"):
+            causal_conv3d(args["x"], args["w"], padding=1, history=args["hist"], backend="triton")
+        auto = causal_conv3d(args["x"], args["w"], padding=1, history=args["hist"])
+        assert auto.requires_grad
+        torch.testing.assert_close(auto, expected, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # no gradient wanted: the kernel runs
+            assert op.backends["triton"].why_not(*call, forced=True) is None
+            out = causal_conv3d(args["x"], args["w"], padding=1, history=args["hist"], backend="triton")
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_history_dtype_follows_the_input():
+    """An fp32 history with an fp16 clip is cast to fp16, like the parameters."""
+    x = torch.randn(1, 3, 3, 4, 4, device=DEVICE, dtype=torch.float16)
+    hist = torch.randn(1, 3, 1, 4, 4, device=DEVICE)
+    w = torch.randn(4, 3, 2, 1, 1, device=DEVICE)
+    expected = streaming_causal_conv3d(x.float(), w, None, (1, 1, 1), 0, None, hist.half().float())
+    for backend in ("triton", "torch"):
+        out = causal_conv3d(x, w, history=hist, backend=backend)
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
+
+
 X = torch.randn(2, 3, 5, 6, 6)
 WGT = torch.randn(4, 3, 3, 3, 3)
 
@@ -246,10 +372,24 @@ WGT = torch.randn(4, 3, 3, 3, 3)
         (lambda: causal_conv3d(torch.randn(2, 3, 0, 6, 6), WGT), r"output size \(2, 4, 0, 4, 4\)"),
         (lambda: causal_conv3d(X, WGT.to("meta")), r"weight is on meta but x is on cpu"),
         (lambda: causal_conv3d(X, WGT, backend="cuda"), r"unknown backend 'cuda'"),
+        (lambda: causal_conv3d(X, WGT, history=torch.randn(2, 3, 1, 6, 6)),
+         r"history has shape \(2, 3, 1, 6, 6\); expected \(N, Cin, kt-1, H, W\) = \(2, 3, 2, 6, 6\)"),
+        (lambda: causal_conv3d(X, WGT, history=torch.randn(2, 3, 2, 5, 6)),
+         r"history has shape \(2, 3, 2, 5, 6\); expected .* = \(2, 3, 2, 6, 6\)"),
+        (lambda: causal_conv3d(X, WGT, stride=(2, 1, 1), history=torch.randn(2, 3, 2, 6, 6)),
+         r"history needs temporal stride 1, got stride \(2, 1, 1\)"),
+        (lambda: causal_conv3d(X, torch.randn(4, 3, 1, 3, 3), history=torch.randn(2, 3, 0, 6, 6)),
+         r"history needs a temporal kernel > 1; weight \(4, 3, 1, 3, 3\) has kt=1"),
+        (lambda: causal_conv3d(X, WGT, history=[0.0]), r"history must be a tensor .*got list"),
+        (lambda: causal_conv3d(X, WGT, history=torch.ones(2, 3, 2, 6, 6, dtype=torch.int64)),
+         r"history has dtype torch.int64"),
+        (lambda: causal_conv3d(X, WGT, history=torch.randn(2, 3, 2, 6, 6, device="meta")),
+         r"history is on meta but x is on cpu"),
     ],
     ids=["x-rank-4", "x-integer", "weight-rank-4", "channel-mismatch", "weight-integer", "bias-size", "zero-stride",
          "stride-2-tuple", "negative-padding", "temporal-padding", "residual-shape", "residual-integer",
-         "output-empty", "zero-frames", "device-mismatch", "unknown-backend"],
+         "output-empty", "zero-frames", "device-mismatch", "unknown-backend", "history-frames", "history-height",
+         "history-temporal-stride", "history-kt-1", "history-not-tensor", "history-integer", "history-device"],
 )
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):

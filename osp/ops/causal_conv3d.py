@@ -4,10 +4,16 @@ Output frame t sees input frames <= t: the input is read as if frame 0 were repe
 before the clip (Open-Sora-Plan's CausalConv3d), spatial borders are zero-padded, and an optional
 residual (the ResNet shortcut) is added after the bias.
 
+Streaming: ``history=`` (N, Cin, kt-1, H, W) gives the kt-1 input frames just before x (the end of
+the previous chunk of a long video processed chunk by chunk); they replace the replicated frame 0,
+so the chunks' outputs concatenate to the output of the whole clip. Temporal stride 1 only.
+
 Backends, in automatic order: ``triton`` (kernels/causal_conv3d.py: implicit-GEMM forward,
 dx and dweight kernels; CUDA, CPU only through the interpreter when forced), ``torch`` (F.conv3d
 of the unpadded clip for the frames whose window lies inside it, plus a small replicated head for
-the first frames: no padded copy of the whole input). The float64 reference
+the first frames: no padded copy of the whole input; with history, one F.conv3d of
+cat([history, x])). The triton backend runs history= forward-only (its backward kernels know the
+replicated head only): when a gradient is wanted it declines and the torch backend runs. The float64 reference
 ``causal_conv3d_reference`` (replicate + F.conv3d) is the ground truth the tests compare against.
 """
 from __future__ import annotations
@@ -57,7 +63,7 @@ def output_shape(x_shape, w_shape, stride, padding) -> Tuple[int, int, int, int,
     return (N, Cout, (T - 1) // st + 1 if T > 0 else 0, (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
 
 
-def _check(x, weight, bias, stride, padding, residual):
+def _check(x, weight, bias, stride, padding, residual, history=None):
     """Validate and return (stride, padding) normalized."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"causal_conv3d: x must be a tensor, got {type(x).__name__}")
@@ -108,7 +114,36 @@ def _check(x, weight, bias, stride, padding, residual):
             raise ValueError(f"causal_conv3d: residual has dtype {residual.dtype}; expected a floating dtype")
         if residual.device != x.device:
             raise ValueError(f"causal_conv3d: residual is on {residual.device} but x is on {x.device}")
+    if history is not None:
+        _check_history(x, weight, stride, history)
     return stride, padding
+
+
+def _check_history(x, weight, stride, history):
+    if not isinstance(history, torch.Tensor):
+        raise ValueError(f"causal_conv3d: history must be a tensor (N, Cin, kt-1, H, W), got {type(history).__name__}")
+    kt = weight.shape[2]
+    if kt <= 1:
+        raise ValueError(
+            f"causal_conv3d: history needs a temporal kernel > 1; weight {tuple(weight.shape)} has kt={kt}, "
+            "which reads no earlier frames (pass history=None)"
+        )
+    if stride[0] != 1:
+        raise ValueError(
+            f"causal_conv3d: history needs temporal stride 1, got stride {stride}; expected (1, sh, sw) "
+            "(a strided conv cannot be chunked at arbitrary frames)"
+        )
+    N, Cin, _, H, W = x.shape
+    expected = (N, Cin, kt - 1, H, W)
+    if tuple(history.shape) != expected:
+        raise ValueError(
+            f"causal_conv3d: history has shape {tuple(history.shape)}; expected (N, Cin, kt-1, H, W) = {expected} "
+            f"for x {tuple(x.shape)} and kt={kt}"
+        )
+    if history.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"causal_conv3d: history has dtype {history.dtype}; expected a floating dtype")
+    if history.device != x.device:
+        raise ValueError(f"causal_conv3d: history is on {history.device} but x is on {x.device}")
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -118,12 +153,15 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def causal_conv3d_reference(x, weight, bias=None, *, stride=1, padding=0, residual=None) -> torch.Tensor:
-    """Ground truth in float64: replicate frame 0 kt-1 times in front, then F.conv3d. Returns float64."""
-    stride, padding = _check(x, weight, bias, stride, padding, residual)
+def causal_conv3d_reference(x, weight, bias=None, *, stride=1, padding=0, residual=None,
+                            history=None) -> torch.Tensor:
+    """Ground truth in float64: replicate frame 0 kt-1 times in front (or put history there), then
+    F.conv3d. Returns float64."""
+    stride, padding = _check(x, weight, bias, stride, padding, residual, history)
     kt = weight.shape[2]
     xd = x.detach().to(torch.float64)
-    xd = torch.cat([xd[:, :, :1].expand(-1, -1, kt - 1, -1, -1), xd], dim=2)
+    head = history.detach().to(torch.float64) if history is not None else xd[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
+    xd = torch.cat([head, xd], dim=2)
     b = bias.detach().to(torch.float64) if bias is not None else None
     y = F.conv3d(xd, weight.detach().to(torch.float64), b, stride, (0,) + padding)
     if residual is not None:
@@ -140,7 +178,7 @@ def _conv3d(x, weight, bias, stride, padding3):
     return F.conv3d(x, weight, bias, stride, padding3)
 
 
-def _torch_run(x, weight, bias, stride, padding, residual):
+def _torch_run(x, weight, bias, stride, padding, residual, history=None):
     kt = weight.shape[2]
     st = stride[0]
     T = x.shape[2]
@@ -148,6 +186,10 @@ def _torch_run(x, weight, bias, stride, padding, residual):
     w = weight.to(x.dtype)
     b = bias.to(x.dtype) if bias is not None else None
     fmt = memory_format_of(x)
+    if history is not None:  # streaming: the previous chunk's frames stand in front, no replication
+        xin = torch.cat([history.to(x.dtype), x], dim=2).contiguous(memory_format=fmt)
+        y = _conv3d(xin, w, b, stride, (0,) + padding).contiguous(memory_format=fmt)  # CPU fp16 drops it
+        return y if residual is None else y.add_(residual)
     # Output frames t < t_head have windows reaching before frame 0 (t*st < kt-1); only they need
     # replicated frames, and only input frames <= (t_head-1)*st, so the head copy is a few frames.
     t_head = min(-(-(kt - 1) // st), T_out)
@@ -173,7 +215,7 @@ def _torch_run(x, weight, bias, stride, padding, residual):
     return y
 
 
-def _torch_why_not(x, weight, bias, stride, padding, residual, *, forced):
+def _torch_why_not(x, weight, bias, stride, padding, residual, history=None, *, forced):
     return None
 
 
@@ -204,16 +246,28 @@ class _CausalConv3d(torch.autograd.Function):
         return dx, dw, db, dr, None, None
 
 
-def _triton_run(x, weight, bias, stride, padding, residual):
-    return _CausalConv3d.apply(x, weight, bias, residual, stride, padding)
+def _triton_run(x, weight, bias, stride, padding, residual, history=None):
+    if history is None:
+        return _CausalConv3d.apply(x, weight, bias, residual, stride, padding)
+    # Streaming, forward only (_triton_why_not declines when a gradient is wanted): the kernel reads
+    # cat([history, x]) with its output frames shifted by T0 = kt-1, so the causal clamp never fires.
+    from osp.kernels import causal_conv3d as kernel
+
+    kt = weight.shape[2]
+    xin = torch.cat([history.to(x.dtype), x], dim=2).contiguous(memory_format=memory_format_of(x))
+    out_shape = output_shape(x.shape, weight.shape, stride, padding)
+    return kernel.forward(xin, weight, bias, stride, padding, residual, out_shape, t0=kt - 1)
 
 
-def _triton_why_not(x, weight, bias, stride, padding, residual, *, forced):
+def _triton_why_not(x, weight, bias, stride, padding, residual, history=None, *, forced):
     reason = triton_why_not(x, forced=forced)
     if reason:
         return reason
     if x.dtype == torch.float64:
         return "float64 is computed in fp32 by the kernel; the torch backend keeps float64"
+    if history is not None and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual, history)):
+        return "history= (streaming) is forward-only on the triton backend; gradients go through torch"
     return None
 
 
@@ -225,17 +279,20 @@ CAUSAL_CONV3D = Op(
     ],
     probe=lambda device, dtype: ((torch.randn(1, 8, 5, 8, 8, device=device, dtype=dtype),
                                   torch.randn(8, 8, 3, 3, 3, device=device, dtype=dtype), None,
-                                  (1, 1, 1), (1, 1), None), {}),
+                                  (1, 1, 1), (1, 1), None, None), {}),
 )
 
 
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                   stride: IntOr3 = 1, padding: IntOr2 = 0, residual: Optional[torch.Tensor] = None,
-                  backend: Optional[str] = None) -> torch.Tensor:
+                  history: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Causal 3-D convolution: frame 0 replicated kt-1 times in front, spatial zero padding.
 
     Equals ``F.conv3d(cat([x[:, :, :1]] * (kt-1) + [x], dim=2), weight, bias, stride, (0, ph, pw))
-    + residual`` without building the padded copy.
+    + residual`` without building the padded copy. With ``history`` it equals
+    ``F.conv3d(cat([history, x], dim=2), weight, bias, stride, (0, ph, pw)) + residual``: run a long
+    video chunk by chunk, passing each chunk the last kt-1 frames of the previous one, and the
+    outputs concatenate to the output of the whole video.
 
     Args:
         x: (N, Cin, T, H, W), NCDHW-contiguous or channels_last_3d (any strides are accepted).
@@ -245,11 +302,15 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         stride: int or (st, sh, sw).
         padding: spatial zero padding, int or (ph, pw). Time is never zero-padded.
         residual: optional tensor of the output's shape added after the bias (a ResNet shortcut).
+        history: optional (N, Cin, kt-1, H, W), the kt-1 input frames just before x (same device,
+            floating, cast to x's dtype); they replace the replicated frame 0. Needs kt > 1 and
+            temporal stride 1. Forward-only on the triton backend: with a gradient wanted, automatic
+            choice runs torch (and forcing triton raises BackendUnavailable).
         backend: force "triton" or "torch"; None chooses (see osp.ops.use_backend, OSP_BACKEND).
 
     Returns:
         (N, Cout, (T-1)//st + 1, (H+2ph-kh)//sh + 1, (W+2pw-kw)//sw + 1) in x's dtype and memory
-        format. Differentiable in x, weight, bias and residual.
+        format (T_out = T with history). Differentiable in x, weight, bias, residual and history.
     """
-    stride, padding = _check(x, weight, bias, stride, padding, residual)
-    return CAUSAL_CONV3D.dispatch((x, weight, bias, stride, padding, residual), {}, backend)
+    stride, padding = _check(x, weight, bias, stride, padding, residual, history)
+    return CAUSAL_CONV3D.dispatch((x, weight, bias, stride, padding, residual, history), {}, backend)
