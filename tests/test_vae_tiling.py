@@ -9,9 +9,11 @@ bound and no tiling can match it). Clips 9x64x64 (latents 3x8x8), tiles of 32 px
 
 Tolerances (PSNR on [-1, 1] data, 20*log10(2/rmse)): these random decoders are far less local
 than trained ones, so the thresholds only catch broken blending (a misplaced or unweighted tile
-costs > 10 dB): spatial tiles >= 16 dB, spatial + temporal >= 13 dB; measured 19.4 / 16.3 (tile),
-20.5 / 16.7 (global). Temporal chunking is not exact (no causal caches; see the module), so no
-exactness claim is tested for it.
+costs > 10 dB): spatial tiles >= 16 dB, spatial + temporal >= 13 dB.
+
+Temporal chunking is exact (causal history carried between chunks, the mid-block attention over the
+whole clip, global statistics): tested in float64 against the untiled model to 1e-10, for both
+attention variants, decode and encode, chunks of several sizes.
 """
 import math
 
@@ -90,9 +92,9 @@ def test_stream_global_statistics_machinery_on_one_tile():
     with torch.no_grad():
         ref = vae.decode(z).sample
         cfg = tiling.make_config(vae, tile_sample_size=32, norm="global", progress=False)
-        tiles = tiling.plan(cfg, (3, 4, 4), 8, 4, "decode")
-        out = tiling.stream(cfg, lambda t: vae.decoder(vae.post_quant_conv(t)), vae, z, tiles, ref.shape, "decode")
-    assert len(tiles) == 1
+        p = tiling.plan(cfg, (3, 4, 4), 8, 4, "decode")
+        out = tiling.stream(cfg, vae, "decode", z, p, ref.shape)
+    assert len(p.tiles) == 1 and len(p.chunks) == 1
     assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
     assert all(m.fixed_stats is None for m in vae.modules() if isinstance(m, osp.nn.GroupNorm))
 
@@ -147,35 +149,104 @@ def test_stream_estimate_runs_close(model_and_ref):
     assert psnr(out, ref) >= 12
 
 
+def _expand_latent(t, first):
+    """A stand-in decoder: every latent value covers its 8x8 pixels and its frames in the causal layout
+    (latent 0 -> frame 0, latent q > 0 -> frames 4q-3 .. 4q)."""
+    reps = torch.full((t.shape[2],), 4)
+    if first:
+        reps[0] = 1
+    return t.repeat_interleave(reps, dim=2).repeat_interleave(8, dim=3).repeat_interleave(8, dim=4)
+
+
 def test_stream_blending_is_a_partition_of_unity():
-    """With an identity "network" every output element is a convex combination of equal values:
-    tiles land where they belong, time mapping included (dropped first frames, 1+4k layout)."""
+    """With a stand-in decoder whose tiles agree wherever they overlap, the blended output equals
+    that decoder's untiled output: tiles and time chunks land where they belong (1+4k layout)."""
     vae = tiny_vae()
     cfg = tiling.make_config(vae, tile_sample_size=32, tile_frames=9, overlap=0.5, norm="tile", progress=False)
     T, h, w = 7, 11, 9
-    tiles = tiling.plan(cfg, (T, h, w), 8, 4, "decode")
-    full = torch.randn(1, 2, 4 * (T - 1) + 1, 8 * h, 8 * w)
+    p = tiling.plan(cfg, (T, h, w), 8, 4, "decode")
+    z = torch.randn(1, 2, T, h, w)
 
-    def net(t):  # a tile's decode: the matching slice of ``full`` (first frame = latent frame a's last)
-        return t
+    def run(ctx, zt, chunks, visit):
+        for ts in chunks:
+            visit(_expand_latent(zt[:, :, ts], ts.start == 0))
 
-    x = full
-    for tile in tiles:
-        (ta, tb), (ha, hb), (wa, wb) = tile.lat
-        tile.src = (slice(4 * ta, 4 * (tb - 1) + 1), slice(8 * ha, 8 * hb), slice(8 * wa, 8 * wb))
-    out = tiling._blend_pass(cfg, net, x, tiles, full.shape, "decode")
+    full = _expand_latent(z, True)
+    out = tiling._blend_pass(cfg, None, run, z, p, full.shape, "decode")
     torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
-    assert len({t.lat[0] for t in tiles}) > 1 and len({t.lat[1] for t in tiles}) > 1
+    assert len(p.chunks) == 3 and len({t.lat[0] for t in p.tiles}) > 1 and len({t.lat[1] for t in p.tiles}) > 1
 
 
-def test_axis_starts_cover_with_overlap():
-    for n in range(1, 40):
-        for tile in (1, 3, 4, 8):
+def test_axis_tiles_fewest_and_cover_with_overlap():
+    for n in range(1, 60):
+        for tile in (1, 3, 4, 8, 32):
             for ov in range(tile):
-                starts = tiling.axis_starts(n, tile, ov)
-                assert starts[0] == 0 and min(starts[-1] + tile, n) == n
-                for a, b in zip(starts, starts[1:]):
-                    assert 0 < b - a <= tile - ov
+                r = tiling.axis_tiles(n, tile, ov)
+                assert r[0][0] == 0 and r[-1][1] == n
+                assert all(0 < b - a <= tile for a, b in r)
+                assert all(r[i][1] - r[i + 1][0] >= (ov if n > tile else 0) and r[i + 1][0] > r[i][0]
+                           for i in range(len(r) - 1))
+                fewest = 1 if n <= tile else math.ceil((n - ov) / (tile - ov))
+                assert len(r) == fewest
+                assert sum(b - a for a, b in r) <= n + (len(r) - 1) * ov + len(r)
+
+
+def test_plan_work_is_the_least_recomputation():
+    """512x512 in 256-px tiles with overlap 0.25: 3 tiles of 27 latents per axis (81 of 64 latents),
+    1.60x the untiled work; upstream's grid decodes 1.5625x and a fixed-size grid 2.25x."""
+    vae = tiny_vae()
+    cfg = tiling.make_config(vae, tile_sample_size=256, tile_frames=17, progress=False)
+    p = tiling.plan(cfg, (17, 64, 64), 8, 4, "decode")
+    assert len(p.tiles) == 9 and p.work == pytest.approx((81 / 64) ** 2)
+    assert [c.stop - c.start for c in p.chunks] == [5, 5, 5, 2]  # time chunks do not overlap
+    enc = tiling.plan(cfg, (17, 64, 64), 8, 4, "encode")
+    assert [(c.start, c.stop) for c in enc.chunks] == [(0, 17), (17, 37), (37, 57), (57, 65)]
+
+
+# --- exact temporal streaming -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["AttnBlock3D", "AttnBlock3DFix"])
+def test_temporal_chunking_is_exact(attention):
+    """Time chunks with causal history, the mid-block attention over the whole clip and global
+    statistics reproduce the untiled decode and encode (float64, frames fit one spatial tile)."""
+    vae = tiny_vae(encoder_attention=attention, decoder_attention=attention).double()
+    z = latents(1, 4, 6, 4, 4).double()
+    x = clip(1, 3, 21, 32, 32).double()
+    with torch.no_grad():
+        ref, ref_m = vae.decode(z).sample, vae.encode(x).latent_dist.mean
+        for tf in (5, 9, 13):
+            vae.enable_tiling(tile_sample_size=32, tile_frames=tf, norm="global", progress=False)
+            out, m = vae.decode(z).sample, vae.encode(x).latent_dist.mean
+            assert out.shape == ref.shape and m.shape == ref_m.shape
+            assert (out - ref).abs().max().item() <= 1e-10 * ref.abs().max().item(), tf
+            assert (m - ref_m).abs().max().item() <= 1e-10 * ref_m.abs().max().item(), tf
+    vae.disable_tiling()
+
+
+def test_streamed_time_layers_equal_whole_clip():
+    """CausalConv3d, TimeUpsample2x and TimeDownsample2x fed in uneven chunks (1-frame ones included)
+    give the whole clip's output, concatenated."""
+    from osp.models.vae.blocks import TimeDownsample2x, TimeUpsample2x
+
+    torch.manual_seed(0)
+    conv = osp.nn.CausalConv3d(3, 4, 3, padding=1).double()
+    net = torch.nn.Sequential(conv, TimeUpsample2x(), TimeDownsample2x(), TimeUpsample2x()).to(DEVICE)
+    x = torch.randn(1, 3, 11, 5, 6, dtype=torch.float64, device=DEVICE)
+    with torch.no_grad():
+        ref = net(x)
+        for sizes in ([1, 1, 9], [3, 2, 4, 2], [1, 10], [11]):
+            outs = []
+            with tiling.TimeStream([net]) as ctx:
+                a = 0
+                for i, n in enumerate(sizes):
+                    ctx.final = i == len(sizes) - 1
+                    outs.append(net(x[:, :, a:a + n]))
+                    a += n
+            out = torch.cat(outs, dim=2)
+            assert out.shape == ref.shape, sizes
+            assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item(), sizes
+    assert conv.stream_state is None
 
 
 def test_encode_tiling_shapes_and_closeness():

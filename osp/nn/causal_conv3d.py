@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops.causal_conv3d import normalize_padding, normalize_stride
+from ..ops.causal_conv3d import normalize_padding, normalize_stride, output_shape
 
 
 def _kernel_size(kernel_size) -> tuple:
@@ -34,6 +34,17 @@ def _spatial_padding(padding, kt: int) -> tuple:
         raise ValueError(str(exc).replace("causal_conv3d:", "CausalConv3d:")) from None
 
 
+def _next_history(prev: Optional[torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
+    """The last k frames of the stream so far: [prev (or frame 0 replicated, at the start), x].
+    A copy, so that it does not keep the whole chunk alive."""
+    T = x.shape[2]
+    if T >= k:
+        return x[:, :, T - k:].clone()
+    if prev is None:
+        prev = x[:, :, :1].expand(-1, -1, k, -1, -1)
+    return torch.cat([prev[:, :, T:], x], dim=2)
+
+
 class CausalConv3d(nn.Module):
     """Causal 3-D convolution: frame 0 is replicated kt-1 times in front of the clip, so output
     frame t sees input frames <= t and T_out = (T-1)//st + 1; H and W are zero-padded.
@@ -47,7 +58,14 @@ class CausalConv3d(nn.Module):
     Input (N, Cin, T, H, W), NCDHW or channels_last_3d; the output keeps the input's memory
     format. forward routes through ``osp.ops.causal_conv3d`` (so every backend applies) and takes
     an optional ``residual`` of the output's shape, added after the bias.
+
+    ``stream_state``: None (normal), or a dict while a long clip is fed in consecutive time chunks
+    (``osp.models.vae.tiling``): each call then reads the previous chunk's last kt-1 input frames
+    (kept in the dict under "history") in place of the replicated frame 0, so the chunks' outputs,
+    concatenated, equal the output for the whole clip. Temporal stride must be 1 then.
     """
+
+    stream_state: Optional[dict] = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]],
                  stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
@@ -74,8 +92,17 @@ class CausalConv3d(nn.Module):
         return self.conv.out_channels
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        history = None
+        state = self.stream_state
+        if state is not None and self.time_kernel_size > 1:
+            if self.stride[0] != 1:
+                raise ValueError(f"CausalConv3d: streaming in time needs temporal stride 1, not {self.stride[0]}")
+            if x.shape[2] == 0:  # a chunk that an upstream layer had no finished frames for
+                return x.new_empty(output_shape(x.shape, self.conv.weight.shape, self.stride, self.padding))
+            history = state.get("history")
+            state["history"] = _next_history(history, x, self.time_kernel_size - 1)
         return ops.causal_conv3d(x, self.conv.weight, self.conv.bias, stride=self.stride, padding=self.padding,
-                                 residual=residual)
+                                 residual=residual, history=history)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding} (spatial), causal"

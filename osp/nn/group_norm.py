@@ -15,17 +15,18 @@ def group_norm_fixed_stats(x: torch.Tensor, num_groups: int, mean: torch.Tensor,
                           weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                           act: Optional[str] = None) -> torch.Tensor:
     """GroupNorm of x (N, C, *spatial) with given statistics: (x - mean) * rstd * weight + bias, then
-    ``act``. mean, rstd: (N, G), computed in fp32; the output has x's dtype and shape (contiguous)."""
+    ``act``. mean, rstd: (N, G); computed in fp32 (float64 for float64 x); the output has x's dtype and shape (contiguous)."""
     N, C = x.shape[:2]
     if tuple(mean.shape) != (N, num_groups) or tuple(rstd.shape) != (N, num_groups):
         raise ValueError(f"group_norm_fixed_stats: mean {tuple(mean.shape)} / rstd {tuple(rstd.shape)}; expected "
                          f"({N}, {num_groups}) for x {tuple(x.shape)}")
-    xg = x.reshape(N, num_groups, -1).float()
-    y = (xg - mean.float()[:, :, None]).mul_(rstd.float()[:, :, None]).reshape(N, C, -1)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xg = x.reshape(N, num_groups, -1).to(ct)
+    y = (xg - mean.to(ct)[:, :, None]).mul_(rstd.to(ct)[:, :, None]).reshape(N, C, -1)
     if weight is not None:
-        y.mul_(weight.float()[None, :, None])
+        y.mul_(weight.to(ct)[None, :, None])
     if bias is not None:
-        y.add_(bias.float()[None, :, None])
+        y.add_(bias.to(ct)[None, :, None])
     if act == "silu":
         y = F.silu(y, inplace=True)
     return y.reshape(x.shape).to(x.dtype)
@@ -37,7 +38,7 @@ class GroupNorm(nn.GroupNorm):
     spatial dims; output keeps its memory format. Routed through ``osp.ops.group_norm``.
 
     ``fixed_stats``: None (normal behaviour), or (mean, rstd), each (N, G) float32, to normalize with
-    those statistics instead of the input's own (set by tiled VAE inference, which normalizes every
+    those statistics instead of the input's own (any float dtype; applied in fp32, float64 for float64 input) (set by tiled VAE inference, which normalizes every
     tile with statistics of the whole input; see ``osp.models.vae.tiling``). Not saved in state dicts.
     """
 

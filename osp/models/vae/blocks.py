@@ -81,31 +81,92 @@ class TimeDownsample2x(nn.Module):
     out[0] = x[0] and out[k] = (x[2k-2] + x[2k-1] + x[2k]) / 3, which is upstream's "replicate frame 0
     twice in front, then AvgPool3d((3,1,1), stride (2,1,1))" without building the padded copy
     (and with frame 0 passed through exactly instead of as (3*x0)/3).
+
+    ``stream_state``: None, or a dict while a clip is fed in consecutive time chunks (see
+    ``osp.nn.CausalConv3d``): each call then returns the outputs whose windows end in this chunk
+    (out[k] for 2k in the chunk's frame range), using the previous chunk's last two frames.
     """
 
+    stream_state: Optional[dict] = None
+
+    @staticmethod
+    def _pool(x: torch.Tensor, first: int, n: int) -> torch.Tensor:
+        """(x[first+2j] + x[first+2j+1] + x[first+2j+2]) / 3 for j < n."""
+        # Strided slices instead of F.avg_pool3d, which has no CPU float16 kernel; same sum, same order.
+        stop = first + 2 * n
+        rest = x[:, :, first:stop - 1:2] + x[:, :, first + 1:stop:2]
+        return rest.add_(x[:, :, first + 2:stop + 1:2]).div_(3)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stream_state is not None:
+            return self._stream(x, self.stream_state)
         T = x.shape[2]
         if T < 3:
             return x[:, :, :1]
         n = (T - 3) // 2 + 1  # windows (2k-2, 2k-1, 2k) that lie inside the clip
-        # Strided slices instead of F.avg_pool3d, which has no CPU float16 kernel; same sum, same order.
-        rest = x[:, :, 0:2 * n - 1:2] + x[:, :, 1:2 * n:2]
-        rest = rest.add_(x[:, :, 2:2 * n + 1:2]).div_(3)
-        return torch.cat([x[:, :, :1], rest], dim=2)
+        return torch.cat([x[:, :, :1], self._pool(x, 0, n)], dim=2)
+
+    def _stream(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        start = state.get("seen", 0)  # index of x's first frame in the whole clip
+        end = start + x.shape[2]
+        prev = state.get("tail")  # the clip's frames [start - len(prev), start)
+        seq = x if prev is None else torch.cat([prev, x], dim=2)
+        base = start - (0 if prev is None else prev.shape[2])
+        k0, k1 = max(1, -(-start // 2)), (end - 1) // 2  # outputs k >= 1 with start <= 2k < end
+        parts = [x[:, :, :1]] if start == 0 else []
+        if k1 >= k0:
+            parts.append(self._pool(seq, 2 * k0 - 2 - base, k1 - k0 + 1))
+        state["seen"], state["tail"] = end, seq[:, :, -2:].clone()
+        if not parts:  # no window ends in this chunk
+            return x[:, :, :0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 class TimeUpsample2x(nn.Module):
     """Causal 2x temporal upsampling, no parameters: T -> 2T - 1 (T = 1 stays 1).
 
     Frame 0 is kept; frames 1.. are interpolated linearly x2 in time (PyTorch "trilinear" with
-    align_corners=False, spatial factors 1), as upstream does.
+    align_corners=False, spatial factors 1), as upstream does. Output 2j+1 of the interpolated part
+    (0.75 x[j] + 0.25 x[j+1]) looks one frame ahead; the last one repeats the last frame.
+
+    ``stream_state``: None, or a dict while a clip is fed in consecutive time chunks (see
+    ``osp.nn.CausalConv3d``): each call returns the outputs that the frames so far determine, so the
+    last frame's second output waits for the next chunk, unless ``stream_state["ctx"].final`` says
+    this chunk ends the clip. The interpolation runs on [previous last frame, chunk], whose interior
+    outputs are the whole clip's, bit for bit (the same per-frame weights).
     """
 
+    stream_state: Optional[dict] = None
+
+    @staticmethod
+    def _interp(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=(2.0, 1.0, 1.0), mode="trilinear", align_corners=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stream_state is not None:
+            return self._stream(x, self.stream_state)
         if x.shape[2] == 1:
             return x
-        rest = F.interpolate(x[:, :, 1:], scale_factor=(2.0, 1.0, 1.0), mode="trilinear", align_corners=False)
-        return torch.cat([x[:, :, :1], rest], dim=2)
+        return torch.cat([x[:, :, :1], self._interp(x[:, :, 1:])], dim=2)
+
+    def _stream(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        parts = []
+        if not state.get("started"):  # the clip's frame 0 passes through
+            parts.append(x[:, :, :1])
+            x = x[:, :, 1:]
+            state["started"] = True
+        if x.shape[2]:
+            prev = state.get("prev")  # the last frame of the previous chunks' interpolated part
+            y = self._interp(x if prev is None else torch.cat([prev, x], dim=2))
+            first = 0 if prev is None else 1  # prev's first output went out with its chunk
+            last = y.shape[2] if state["ctx"].final else y.shape[2] - 1
+            parts.append(y[:, :, first:last])
+            state["prev"] = x[:, :, -1:].clone()
+        elif state["ctx"].final and state.get("prev") is not None:
+            parts.append(state["prev"])  # cannot happen with chunks of >= 1 frame after the first
+        if not parts:
+            return x
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ torch.no_grad the peak is a few activations of the largest level, not the whole 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -114,6 +114,10 @@ class Encoder(_Checkpointed):
         self.conv_out = CausalConv3d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.head(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """conv_in, the levels and mid.block_1: everything before the mid-block attention."""
         h = self.conv_in(x)
         for level in self.down:
             for j, block in enumerate(level.block):
@@ -124,7 +128,13 @@ class Encoder(_Checkpointed):
                 h = level.downsample(h)
             if hasattr(level, "time_downsample"):
                 h = level.time_downsample(h)
-        h = self._run(self.mid.block_1, h)
+        return self._run(self.mid.block_1, h)
+
+    def head_modules(self) -> List[nn.Module]:
+        return [self.conv_in, self.down, self.mid.block_1]
+
+    def tail(self, h: torch.Tensor) -> torch.Tensor:
+        """The mid-block attention onwards (at latent resolution)."""
         h = self._run(self.mid.attn_1, h)
         h = self._run(self.mid.block_2, h)
         return self.conv_out(self.norm_out(h))
@@ -169,9 +179,19 @@ class Decoder(_Checkpointed):
         self.conv_out = CausalConv3d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.head(z))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """conv_in, mid.block_1 and the mid-block attention (at latent resolution)."""
         h = self.conv_in(z)
         h = self._run(self.mid.block_1, h)
-        h = self._run(self.mid.attn_1, h)
+        return self._run(self.mid.attn_1, h)
+
+    def tail_modules(self) -> List[nn.Module]:
+        return [self.mid.block_2, self.up, self.norm_out, self.conv_out]
+
+    def tail(self, h: torch.Tensor) -> torch.Tensor:
+        """mid.block_2 onwards: the levels up to full resolution."""
         h = self._run(self.mid.block_2, h)
         for level in reversed(self.up):
             for j, block in enumerate(level.block):

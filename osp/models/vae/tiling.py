@@ -2,34 +2,41 @@
 
 Two modes, chosen by ``CausalVideoVAE.enable_tiling(mode=...)``:
 
-``"stream"`` (osp's): spatial tiles and, with ``tile_frames``, temporal chunks, all overlapping.
-Every tile's output is accumulated into one preallocated output with ``osp.ops.blend_tile_``
-(separable linear ramps over the overlaps), then ``blend_normalize_``: peak memory is the output
-plus about one tile's activations. Grid, in latent units: tile L = tile_sample_size / s (s = 8),
-overlap int(L * overlap), tiles spread evenly so the last one ends at the border (every tile full
-size, overlaps at least the requested one). Time, in latent frames: chunk Lt = (tile_frames-1)/4 + 1,
-chunks overlap 1 + ceil((Lt-1) * overlap) latent frames (at most Lt-1). The causal layout maps a
-latent chunk [a, b) to sample frames [4a, 4(b-1)+1): its first latent frame decodes to one frame
-(sample frame 4a), which has no temporal context, so for a > 0 that frame is dropped and the chunk
-covers [4a+1, 4(b-1)+1); encode mirrors this (the chunk's sample frames [4a, 4(b-1)+1) give latents
-[a, b), the first dropped for a > 0). No causal caches are kept between chunks: every chunk restarts
-the causal padding (and TimeUpsample2x's interpolation sees no frame past the chunk), so temporal
-chunking is approximate near chunk starts, which the overlap blends away.
+``"stream"`` (osp's): spatial tiles, each fed through the network in consecutive time chunks.
 
-Exact: a stream input that fits one tile (and one chunk) takes the untiled path, bit for bit.
-Approximate: everything else (convs see zero padding at tile borders instead of the neighbours'
-pixels; chunks restart causal history), blended over the overlaps.
+- Space: tiles of at most L = tile_sample_size / s latents (s = 8), neighbours overlapping by at
+  least int(L * overlap); the fewest such tiles, of equal size, spread evenly (``axis_tiles``), so
+  the recomputation is the least the overlap allows. Every tile's output is accumulated into one
+  preallocated output with ``osp.ops.blend_tile_`` (separable linear ramps over the overlaps), then
+  ``blend_normalize_``: peak memory is the output plus about one tile-chunk's activations.
+- Time (``tile_frames``): chunks of Lt = (tile_frames-1)/4 + 1 latent frames that do NOT overlap
+  (sample frames [0, 4(b-1)+1) for the first chunk [0, b), [4(a-1)+1, 4(b-1)+1) for the others).
+  The chunks of one spatial tile run in order through a ``TimeStream``: every causal conv reads the
+  previous chunk's last kt-1 input frames instead of replicating frame 0, the causal temporal
+  downsampler its last two frames, and the temporal upsampler (whose odd outputs look one frame
+  ahead) holds its last output until the next chunk arrives. The mid-block attention, whose
+  upstream form mixes frames, sits outside the streamed part: the decoder's latent-resolution head
+  (conv_in, mid.block_1, mid.attn_1) and the encoder's tail (mid.attn_1 onwards) run over all latent
+  frames of the tile at once; they are ~1/50 of a chunk's activations.
+
+What is exact: a stream input that fits one tile takes the untiled path, bit for bit. Time chunks
+with ``norm="global"`` reproduce the untiled model to float rounding (tested in float64 to 1e-10)
+for any layout whose attention blocks are only in the mid block (the v1.0 release config), with
+either attention variant. What is approximate: spatial tiles (a conv sees zeros at a tile border
+instead of the neighbour's pixels, and the mid-block attention sees only its tile), blended away
+over the overlaps; with ``norm="tile"`` also the statistics of every tile-chunk; attention blocks
+inside the levels (``attn_resolutions``) with upstream's frame-mixing form, across time chunks.
 
 ``norm`` (stream mode) says which statistics each GroupNorm uses:
 
-- ``"tile"``: each tile's own (what upstream does; a source of visible seams / "gridding").
-- ``"global"``: statistics of the whole input, exact layer by layer: pass k runs every tile up to
-  the k-th GroupNorm (earlier norms already fixed to their global statistics), records that norm's
-  per-(sample, group) count/mean/M2 over the part of the tile the tile *owns* (the tiles' owned
-  parts partition the whole activation), merges them exactly (Chan), fixes them, and stops the
-  tile there. After the last norm a final pass decodes and blends. Cost: with n norms, about
+- ``"tile"``: each tile-chunk's own (what upstream does; a source of visible seams / "gridding").
+- ``"global"``: statistics of the whole input, exact layer by layer: pass k runs every tile (all its
+  chunks) up to the k-th GroupNorm (earlier norms already fixed to their global statistics),
+  records that norm's per-(sample, group) count/mean/M2 over the part of the tile the tile *owns*
+  (the owned parts partition the whole activation), merges them exactly (Chan), fixes them, and
+  stops there. After the last norm a final pass decodes and blends. Cost: with n norms, about
   (n/2 + 1) full tiled decodes (n = 30 in the release decoder, 22 in the release encoder), peak
-  memory unchanged. Remaining differences from the untiled model are the conv border effects only.
+  memory unchanged.
 - ``"estimate"``: one extra untiled pass over a strided subsample of the input (every f-th latent
   row/column, and every ft-th latent frame, so that it fits one tile) records every norm's
   statistics at once; then one tiled pass uses them. Cost about one tile's decode extra; the
@@ -44,6 +51,7 @@ Tiled calls run under ``torch.no_grad()`` (inference only).
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -53,6 +61,7 @@ import torch
 from torch import nn
 
 from ... import ops
+from ...nn.causal_conv3d import CausalConv3d
 from ...nn.group_norm import GroupNorm
 
 MODES = ("stream", "osp-v1.0")
@@ -109,33 +118,21 @@ def make_config(vae, mode="stream", tile_sample_size=256, tile_frames=None, over
 # --- the stream grid ----------------------------------------------------------------------------------
 
 
-def axis_starts(n: int, tile: int, overlap: int) -> List[int]:
-    """Starts of tiles of length ``tile`` covering [0, n), spread evenly with overlaps >= ``overlap``."""
+def axis_tiles(n: int, tile: int, overlap: int) -> List[Tuple[int, int]]:
+    """Fewest tiles of at most ``tile`` covering [0, n), neighbours overlapping by >= ``overlap``: count
+    c = ceil((n - overlap) / (tile - overlap)), all of length ceil((n + (c-1) * overlap) / c) <= tile,
+    spread evenly. The total length n + ~(c-1) * overlap is the least any such cover recomputes."""
     if n <= tile:
-        return [0]
-    count = math.ceil((n - tile) / (tile - overlap)) + 1
-    return [round(k * (n - tile) / (count - 1)) for k in range(count)]
+        return [(0, n)]
+    count = -(-(n - overlap) // (tile - overlap))
+    size = -(-(n + (count - 1) * overlap) // count)
+    return [(a, a + size) for a in (round(k * (n - size) / (count - 1)) for k in range(count))]
 
 
-def _owned_bounds(starts: Sequence[int], tile: int, n: int, min_offset: int = 0) -> List[int]:
-    """Boundaries b_0 = 0 < ... < b_k = n of a partition; tile i owns [b_i, b_{i+1}): the middle of each
-    overlap, at least ``min_offset`` past the next tile's start."""
-    bounds = [0]
-    for i in range(1, len(starts)):
-        end_prev = min(starts[i - 1] + tile, n)
-        bounds.append(max(starts[i] + min_offset, (starts[i] + end_prev) // 2))
-    return bounds + [n]
-
-
-@dataclass
-class _Tile:
-    src: Tuple[slice, slice, slice]  # input region (T, H, W), in input units
-    lat: Tuple[Tuple[int, int], ...]  # latent region (t0, t1), (h0, h1), (w0, w1)
-    owned: Tuple[Tuple[int, int], ...]  # owned latent region, absolute
-    drop_first: bool  # drop the output's first frame (a chunk that starts past frame 0)
-    offset: Tuple[int, int, int]  # where the (dropped) output lands in the output
-    lo: Tuple[int, int, int]
-    hi: Tuple[int, int, int]
+def _owned_bounds(ranges: Sequence[Tuple[int, int]], n: int) -> List[int]:
+    """Boundaries b_0 = 0 < ... < b_k = n of a partition; tile i owns [b_i, b_{i+1}): the middle of
+    each overlap."""
+    return [0] + [(ranges[i][0] + ranges[i - 1][1]) // 2 for i in range(1, len(ranges))] + [n]
 
 
 def _ramps(n: int, lo: int, hi: int) -> Tuple[int, int]:
@@ -145,64 +142,145 @@ def _ramps(n: int, lo: int, hi: int) -> Tuple[int, int]:
     return lo, min(hi, n - lo)
 
 
-def plan(cfg: TilingConfig, latent_shape: Sequence[int], s: int, tc: int, kind: str) -> List[_Tile]:
-    """The stream tiles of a (T', h, w) latent grid, for ``kind`` "decode" (outputs in sample units) or
-    "encode" (inputs in sample units, outputs in latent units)."""
+@dataclass
+class _Tile:
+    """A spatial tile; every tile runs through all time chunks."""
+    src: Tuple[slice, slice]  # input region (H, W), in input units
+    lat: Tuple[Tuple[int, int], Tuple[int, int]]  # latent region (h0, h1), (w0, w1)
+    owned: Tuple[Tuple[int, int], Tuple[int, int]]  # owned latent region, absolute
+    offset: Tuple[int, int]  # where the output lands (H, W)
+    lo: Tuple[int, int]  # blend ramps at the start / end (H, W)
+    hi: Tuple[int, int]
+
+
+@dataclass
+class _Plan:
+    tiles: List[_Tile]
+    chunks: List[slice]  # consecutive, non-overlapping input frame ranges
+    lat_chunk: int  # latent frames per chunk
+    latent_shape: Tuple[int, int, int]
+    s: int
+    tc: int
+    work: float  # latent positions the tiles cover / latent positions (1 = no recomputation)
+
+
+def plan(cfg: TilingConfig, latent_shape: Sequence[int], s: int, tc: int, kind: str) -> _Plan:
+    """The stream tiles of a (T', h, w) latent grid, for ``kind`` "decode" (input latent, output in
+    sample units) or "encode" (input in sample units, output latent). Time chunks of Lt latent frames
+    do not overlap: latent [a, b) is sample frames [0, tc*(b-1)+1) for a = 0, else
+    [tc*(a-1)+1, tc*(b-1)+1)."""
     T, h, w = latent_shape
     L = cfg.tile_sample_size // s
     ol = int(L * cfg.overlap)
     Lt = T if cfg.tile_frames is None else (cfg.tile_frames - 1) // tc + 1
-    ot = min(Lt - 1, 1 + math.ceil((Lt - 1) * cfg.overlap)) if Lt > 1 else 0
-    t_starts = axis_starts(T, Lt, ot)
-    h_starts, w_starts = axis_starts(h, L, ol), axis_starts(w, L, ol)
-    t_bounds = _owned_bounds(t_starts, Lt, T, min_offset=1)
-    h_bounds, w_bounds = _owned_bounds(h_starts, L, h), _owned_bounds(w_starts, L, w)
-    out_unit_s = s if kind == "decode" else 1
-    out_unit_t = tc if kind == "decode" else 1
+    unit = s if kind == "decode" else 1
+    h_ranges, w_ranges = axis_tiles(h, L, ol), axis_tiles(w, L, ol)
+    h_bounds, w_bounds = _owned_bounds(h_ranges, h), _owned_bounds(w_ranges, w)
 
-    def t_out(a, b):  # output frame range of latent chunk [a, b) after dropping
-        lo = out_unit_t * a + (1 if a > 0 else 0)
-        return lo, out_unit_t * (b - 1) + 1
+    def ramps(ranges, i):
+        lo = ranges[i - 1][1] - ranges[i][0] if i > 0 else 0
+        hi = ranges[i][1] - ranges[i + 1][0] if i + 1 < len(ranges) else 0
+        return _ramps((ranges[i][1] - ranges[i][0]) * unit, lo * unit, hi * unit)
 
-    t_ranges = [(a, min(a + Lt, T)) for a in t_starts]
-    h_ranges = [(a, min(a + L, h)) for a in h_starts]
-    w_ranges = [(a, min(a + L, w)) for a in w_starts]
-    t_outs = [t_out(a, b) for a, b in t_ranges]
-
-    def overlaps(outs, i):
-        lo = outs[i - 1][1] - outs[i][0] if i > 0 else 0
-        hi = outs[i][1] - outs[i + 1][0] if i + 1 < len(outs) else 0
-        return max(lo, 0), max(hi, 0)
-
-    h_outs = [(a * out_unit_s, b * out_unit_s) for a, b in h_ranges]
-    w_outs = [(a * out_unit_s, b * out_unit_s) for a, b in w_ranges]
     tiles = []
-    for it, (ta, tb) in enumerate(t_ranges):
-        for ih, (ha, hb) in enumerate(h_ranges):
-            for iw, (wa, wb) in enumerate(w_ranges):
-                los, his = [], []
-                for outs, i in ((t_outs, it), (h_outs, ih), (w_outs, iw)):
-                    lo, hi = _ramps(outs[i][1] - outs[i][0], *overlaps(outs, i))
-                    los.append(lo)
-                    his.append(hi)
-                if kind == "decode":
-                    src = (slice(ta, tb), slice(ha, hb), slice(wa, wb))
-                else:
-                    src = (slice(tc * ta, tc * (tb - 1) + 1), slice(s * ha, s * hb), slice(s * wa, s * wb))
-                tiles.append(_Tile(
-                    src=src, lat=((ta, tb), (ha, hb), (wa, wb)),
-                    owned=((t_bounds[it], t_bounds[it + 1]), (h_bounds[ih], h_bounds[ih + 1]),
-                           (w_bounds[iw], w_bounds[iw + 1])),
-                    drop_first=ta > 0, offset=(t_outs[it][0], h_outs[ih][0], w_outs[iw][0]),
-                    lo=tuple(los), hi=tuple(his)))
-    return tiles
+    for ih, (ha, hb) in enumerate(h_ranges):
+        for iw, (wa, wb) in enumerate(w_ranges):
+            (lh, hh), (lw, hw) = ramps(h_ranges, ih), ramps(w_ranges, iw)
+            src_unit = 1 if kind == "decode" else s
+            tiles.append(_Tile(
+                src=(slice(src_unit * ha, src_unit * hb), slice(src_unit * wa, src_unit * wb)),
+                lat=((ha, hb), (wa, wb)), owned=((h_bounds[ih], h_bounds[ih + 1]), (w_bounds[iw], w_bounds[iw + 1])),
+                offset=(unit * ha, unit * wa), lo=(lh, lw), hi=(hh, hw)))
+    if kind == "decode":
+        chunks = [slice(a, min(a + Lt, T)) for a in range(0, T, Lt)]
+    else:
+        chunks = [slice(0 if a == 0 else tc * (a - 1) + 1, tc * (min(a + Lt, T) - 1) + 1) for a in range(0, T, Lt)]
+    work = sum(b - a for a, b in h_ranges) * sum(b - a for a, b in w_ranges) / (h * w)
+    return _Plan(tiles, chunks, Lt, (T, h, w), s, tc, work)
+
+
+# --- temporal streaming -------------------------------------------------------------------------------
+
+
+class TimeStream:
+    """Feeds modules one time chunk at a time, exactly where they are causal.
+
+    While active, every CausalConv3d under ``roots`` keeps the last kt-1 input frames of the previous
+    chunk in place of the replicated frame 0, TimeDownsample2x keeps its last two frames and
+    TimeUpsample2x its last frame (its look-ahead output waits for the next chunk; ``final``
+    releases it). ``restart()`` begins a new clip (a new spatial tile). Not causal, hence approximate
+    across chunks: a GroupNorm with its own statistics (fixed, global ones are exact) and AttnBlock3D
+    with ``per_frame=False`` (upstream's, whose groups mix frames), which is why the mid-block
+    attention is kept out of the streamed part (see ``_decode_tile``).
+    """
+
+    def __init__(self, roots: Sequence[nn.Module]):
+        from .blocks import TimeDownsample2x, TimeUpsample2x
+
+        kinds = (CausalConv3d, TimeDownsample2x, TimeUpsample2x)
+        self.modules = [m for r in roots for m in r.modules() if isinstance(m, kinds)]
+        self.final = False
+
+    def restart(self) -> None:
+        self.final = False
+        for m in self.modules:
+            m.stream_state = {"ctx": self}
+
+    def __enter__(self) -> "TimeStream":
+        self.restart()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.modules:
+            m.stream_state = None
+
+
+def _decode_tile(vae, ctx: TimeStream, z: torch.Tensor, chunks: List[slice], visit) -> None:
+    """Decode one spatial tile z (B, C, T', h, w): the decoder's latent-resolution head (up to the
+    mid-block attention, which mixes frames) over all T' frames at once, then the rest chunk by
+    chunk, streamed; ``visit(y)`` gets every chunk's finished frames in order."""
+    h = vae.decoder.head(vae.post_quant_conv(z))
+    ctx.restart()
+    for i, ts in enumerate(chunks):
+        ctx.final = i == len(chunks) - 1
+        try:
+            y = vae.decoder.tail(h[:, :, ts])
+        except _Stop:
+            continue
+        visit(y)
+        del y
+
+
+def _encode_tile(vae, ctx: TimeStream, x: torch.Tensor, chunks: List[slice], visit) -> None:
+    """Encode one spatial tile x (B, C, T, H, W): the encoder's head (up to the mid-block attention)
+    chunk by chunk, streamed, then the latent-resolution tail over all latent frames at once."""
+    ctx.restart()
+    parts, stopped = [], False
+    for i, ts in enumerate(chunks):
+        ctx.final = i == len(chunks) - 1
+        try:
+            parts.append(vae.encoder.head(x[:, :, ts]))
+        except _Stop:
+            stopped = True
+    if stopped:
+        raise _Stop
+    h = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    del parts
+    visit(vae.quant_conv(vae.encoder.tail(h)))
+
+
+def _run_tile(run, ctx: TimeStream, x: torch.Tensor, tile: _Tile, chunks: List[slice], visit) -> None:
+    try:
+        run(ctx, x[(slice(None), slice(None), slice(None)) + tile.src], chunks, visit)
+    except _Stop:
+        pass
 
 
 # --- statistics ---------------------------------------------------------------------------------------
 
 
 class _Stop(Exception):
-    """Raised by a collecting GroupNorm to end a tile's pass once its statistics are recorded."""
+    """Raised by a collecting GroupNorm to end a chunk's pass once its statistics are recorded."""
 
 
 def group_partial_stats(x: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -228,26 +306,16 @@ def merge_stats(a, b):
 
 def _fix(norm: GroupNorm, stats) -> None:
     n, mean, m2 = stats
-    rstd = torch.rsqrt(m2 / n + norm.eps)
-    norm.fixed_stats = (mean.float(), rstd.float())
+    norm.fixed_stats = (mean, torch.rsqrt(m2 / n + norm.eps))  # float64; applied in the input's precision
 
 
 def _owned_crop(x: torch.Tensor, tile: _Tile) -> torch.Tensor:
-    """The part of a tile's activation x (N, C, T_a, H_a, W_a) that the tile owns. The activation's
-    scales relative to the latent tile follow from its shape: spatially H_a / h_tile, in time
-    frame f of a chunk starting at latent a sits at rt*a + f (causal layout), rt = (T_a-1)/(Lt-1)."""
-    (ta, tb), (ha, hb), (wa, wb) = tile.lat
-    (oa, ob), (pa, pb), (qa, qb) = tile.owned
-    Ta, Ha, Wa = x.shape[2:]
-    rh, rw = Ha / (hb - ha), Wa / (wb - wa)
-    rt = (Ta - 1) / (tb - ta - 1) if tb - ta > 1 else 1
-
-    def t_full(q):  # first activation frame of latent q, in the full (untiled) activation
-        return 0 if q == 0 else round(rt * (q - 1)) + 1
-
-    t0 = max(0, t_full(oa) - round(rt * ta))
-    t1 = min(Ta, t_full(ob) - round(rt * ta))
-    return x[:, :, t0:t1, round((pa - ha) * rh):round((pb - ha) * rh), round((qa - wa) * rw):round((qb - wa) * rw)]
+    """The part of a tile's activation x (N, C, T_a, H_a, W_a) that the tile owns, at the activation's
+    scale relative to the latent tile (H_a / h_tile). Chunks do not overlap: every frame is owned."""
+    (ha, hb), (wa, wb) = tile.lat
+    (pa, pb), (qa, qb) = tile.owned
+    rh, rw = x.shape[3] / (hb - ha), x.shape[4] / (wb - wa)
+    return x[:, :, :, round((pa - ha) * rh):round((pb - ha) * rh), round((qa - wa) * rw):round((qb - wa) * rw)]
 
 
 # --- the stream runner --------------------------------------------------------------------------------
@@ -264,44 +332,48 @@ def _norms(net: nn.Module) -> List[GroupNorm]:
     return [m for m in net.modules() if isinstance(m, GroupNorm)]
 
 
-def _input(x: torch.Tensor, tile: _Tile) -> torch.Tensor:
-    return x[(slice(None), slice(None)) + tile.src]
-
-
-def stream(cfg: TilingConfig, net: Callable[[torch.Tensor], torch.Tensor], modules: nn.Module, x: torch.Tensor,
-           tiles: List[_Tile], out_shape: Sequence[int], kind: str) -> torch.Tensor:
-    """Run ``net`` over ``tiles`` of x, blend into a preallocated output of ``out_shape``."""
-    norms = _norms(modules)
+def stream(cfg: TilingConfig, vae, kind: str, x: torch.Tensor, p: _Plan, out_shape: Sequence[int]) -> torch.Tensor:
+    """Run the tiles and time chunks of ``p`` through the VAE's decoder or encoder, blend into a
+    preallocated output of ``out_shape``."""
+    if kind == "decode":
+        run, streamed = functools.partial(_decode_tile, vae), vae.decoder.tail_modules()
+    else:
+        run, streamed = functools.partial(_encode_tile, vae), vae.encoder.head_modules()
+    norms = _norms(vae)
     saved = [m.fixed_stats for m in norms]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), TimeStream(streamed) as ctx:
             if cfg.norm == "global":
-                _collect_exact(cfg, net, norms, x, tiles, kind)
+                _collect_exact(cfg, ctx, run, norms, x, p, kind)
             elif cfg.norm == "estimate":
-                _collect_estimate(net, norms, x, tiles, kind)
-            return _blend_pass(cfg, net, x, tiles, out_shape, kind)
+                _collect_estimate(vae, norms, x, p, kind)
+            return _blend_pass(cfg, ctx, run, x, p, out_shape, kind)
     finally:
         for m, st in zip(norms, saved):
             m.fixed_stats = st
 
 
-def _blend_pass(cfg, net, x, tiles, out_shape, kind):
-    # fp32 accumulator whatever the model's dtype (bf16 sums of weighted tiles lose the seams' precision);
-    # it is the output's size, small next to one tile's activations.
-    out = torch.zeros(out_shape, device=x.device, dtype=torch.float32)
+def _blend_pass(cfg, ctx, run, x, p, out_shape, kind):
+    # fp32 accumulator for fp32/bf16/fp16 models (bf16 sums of weighted tiles lose the seams' precision).
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(out_shape, device=x.device, dtype=acc)
     wsum = torch.zeros(out_shape[2:], device=x.device, dtype=torch.float32)
-    with _bar(cfg, len(tiles), f"tiled {kind}") as bar:
-        for tile in tiles:
-            y = net(_input(x, tile))
-            if tile.drop_first:
-                y = y[:, :, 1:]
-            ops.blend_tile_(out, wsum, y, tile.offset, tile.lo, tile.hi)
-            del y
-            bar.update(1)
+    with _bar(cfg, len(p.tiles) * len(p.chunks), f"tiled {kind}") as bar:
+        for tile in p.tiles:
+            cursor = [0]
+
+            def place(y, tile=tile, cursor=cursor):
+                ops.blend_tile_(out, wsum, y, (cursor[0],) + tile.offset, (0,) + tile.lo, (0,) + tile.hi)
+                cursor[0] += y.shape[2]
+                bar.update(1)
+
+            _run_tile(run, ctx, x, tile, p.chunks, place)
+            if cursor[0] != out_shape[2]:  # a broken stream would leave frames unwritten
+                raise RuntimeError(f"tiled {kind}: the time chunks produced {cursor[0]} frames; expected {out_shape[2]}")
     return ops.blend_normalize_(out, wsum).to(x.dtype)
 
 
-def _collect_exact(cfg, net, norms, x, tiles, kind):
+def _collect_exact(cfg, ctx, run, norms, x, p, kind):
     """One pass per GroupNorm, in execution order (found as the first norm without statistics)."""
     state: Dict[str, object] = {}
 
@@ -311,22 +383,20 @@ def _collect_exact(cfg, net, norms, x, tiles, kind):
         target = state.setdefault("target", module)
         if target is not module:  # cannot happen in a sequential net; be safe
             raise RuntimeError("tiled VAE: GroupNorms ran out of order in a statistics pass")
-        part = group_partial_stats(_owned_crop(args[0], state["tile"]), module.num_groups)
-        state["stats"] = merge_stats(state.get("stats"), part)
+        if args[0].shape[2]:
+            part = group_partial_stats(_owned_crop(args[0], state["tile"]), module.num_groups)
+            state["stats"] = merge_stats(state.get("stats"), part)
         raise _Stop
 
     handles = [m.register_forward_pre_hook(pre_hook) for m in norms]
     try:
-        with _bar(cfg, len(norms) * len(tiles), f"tiled {kind}: global GroupNorm statistics") as bar:
+        with _bar(cfg, len(norms) * len(p.tiles) * len(p.chunks), f"tiled {kind}: global GroupNorm statistics") as bar:
             for _ in range(len(norms)):
                 state.clear()
-                for tile in tiles:
+                for tile in p.tiles:
                     state["tile"] = tile
-                    try:
-                        net(_input(x, tile))
-                    except _Stop:
-                        pass
-                    bar.update(1)
+                    _run_tile(run, ctx, x, tile, p.chunks, lambda y: None)
+                    bar.update(len(p.chunks))
                 if "target" not in state:
                     break
                 _fix(state["target"], state["stats"])
@@ -335,18 +405,17 @@ def _collect_exact(cfg, net, norms, x, tiles, kind):
             h.remove()
 
 
-def _collect_estimate(net, norms, x, tiles, kind):
-    """Every norm's statistics from one untiled pass over a strided subsample that fits one tile."""
-    (ta, tb), (ha, hb), (wa, wb) = tiles[0].lat
-    T_lat = max(t.lat[0][1] for t in tiles)
-    h_lat, w_lat = max(t.lat[1][1] for t in tiles), max(t.lat[2][1] for t in tiles)
-    fh, fw = math.ceil(h_lat / (hb - ha)), math.ceil(w_lat / (wb - wa))
-    ft = math.ceil(T_lat / (tb - ta))
+def _collect_estimate(vae, norms, x, p, kind):
+    """Every norm's statistics from one untiled pass over a strided subsample that fits one tile:
+    every fh-th latent row, fw-th latent column and ft-th latent frame (encode: the matching blocks of
+    s pixels and groups of tc frames)."""
+    T_lat, h_lat, w_lat = p.latent_shape
+    (ha, hb), (wa, wb) = p.tiles[0].lat
+    fh, fw, ft = math.ceil(h_lat / (hb - ha)), math.ceil(w_lat / (wb - wa)), math.ceil(T_lat / p.lat_chunk)
     if kind == "decode":
         sub = x[:, :, ::ft, ::fh, ::fw]
-    else:  # keep every fh-th (fw-th) block of s pixels and every ft-th latent frame's group of tc frames
-        tc = (x.shape[2] - 1) // (T_lat - 1) if T_lat > 1 else 1
-        s = x.shape[3] // h_lat
+    else:
+        s, tc = p.s, p.tc
         frames = [0] + [f for q in range(ft, T_lat, ft) for f in range(tc * (q - 1) + 1, tc * q + 1)]
         sub = _every_block(_every_block(x[:, :, frames], 3, s, fh), 4, s, fw)
     records: Dict[GroupNorm, Tuple] = {}
@@ -356,7 +425,10 @@ def _collect_estimate(net, norms, x, tiles, kind):
 
     handles = [m.register_forward_pre_hook(pre_hook) for m in norms]
     try:
-        net(sub)
+        if kind == "decode":
+            vae.decoder(vae.post_quant_conv(sub))
+        else:
+            vae.encoder(sub)
     finally:
         for h in handles:
             h.remove()
@@ -401,9 +473,8 @@ def tiled_decode(vae, cfg: TilingConfig, z: torch.Tensor) -> Optional[torch.Tens
         return upstream_tiled(cfg, net, z, S // s, int(S // s * (1 - o)), extent, S - extent, s, "decode")
     if not _latent_grid(cfg, s, tc, T, h, w):
         return None
-    tiles = plan(cfg, (T, h, w), s, tc, "decode")
     shape = (B, vae.config.out_channels, tc * (T - 1) + 1, h * s, w * s)
-    return stream(cfg, net, vae, z, tiles, shape, "decode")
+    return stream(cfg, vae, "decode", z, plan(cfg, (T, h, w), s, tc, "decode"), shape)
 
 
 def tiled_encode(vae, cfg: TilingConfig, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -424,8 +495,8 @@ def tiled_encode(vae, cfg: TilingConfig, x: torch.Tensor) -> Optional[torch.Tens
     Tl, h, w = (T - 1) // tc + 1, H // s, W // s
     if not _latent_grid(cfg, s, tc, Tl, h, w):
         return None
-    tiles = plan(cfg, (Tl, h, w), s, tc, "encode")
-    return stream(cfg, net, vae, x, tiles, (B, 2 * vae.config.embed_dim, Tl, h, w), "encode")
+    p = plan(cfg, (Tl, h, w), s, tc, "encode")
+    return stream(cfg, vae, "encode", x, p, (B, 2 * vae.config.embed_dim, Tl, h, w))
 
 
 # --- upstream v1.0 --------------------------------------------------------------------------------------
