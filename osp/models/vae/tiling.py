@@ -14,10 +14,12 @@ Two modes, chosen by ``CausalVideoVAE.enable_tiling(mode=...)``:
   The chunks of one spatial tile run in order through a ``TimeStream``: every causal conv reads the
   previous chunk's last kt-1 input frames instead of replicating frame 0, the causal temporal
   downsampler its last two frames, and the temporal upsampler (whose odd outputs look one frame
-  ahead) holds its last output until the next chunk arrives. The mid-block attention, whose
-  upstream form mixes frames, sits outside the streamed part: the decoder's latent-resolution head
+  ahead) holds its last output until the next chunk arrives. Peak memory does not grow with the
+  clip's length, except with upstream's mid-block attention (``AttnBlock3D``, the v1.0 weights'),
+  whose groups mix frames: it must see all frames, so the decoder's latent-resolution head
   (conv_in, mid.block_1, mid.attn_1) and the encoder's tail (mid.attn_1 onwards) run over all latent
-  frames of the tile at once; they are ~1/50 of a chunk's activations.
+  frames of the tile at once (for 129 frames in 256-px tiles, 512x33x32x32 values: an eighth of one
+  full-resolution 16-frame chunk activation, growing with the length).
 
 What is exact: a stream input that fits one tile takes the untiled path, bit for bit. Time chunks
 with ``norm="global"`` reproduce the untiled model to float rounding (tested in float64 to 1e-10)
@@ -235,16 +237,22 @@ class TimeStream:
             m.stream_state = None
 
 
+def _mixes_frames(coder: nn.Module) -> bool:
+    """Whether the mid-block attention is upstream's AttnBlock3D, whose groups mix frames."""
+    return not getattr(coder.mid.attn_1, "per_frame", True)
+
+
 def _decode_tile(vae, ctx: TimeStream, z: torch.Tensor, chunks: List[slice], visit) -> None:
-    """Decode one spatial tile z (B, C, T', h, w): the decoder's latent-resolution head (up to the
-    mid-block attention, which mixes frames) over all T' frames at once, then the rest chunk by
-    chunk, streamed; ``visit(y)`` gets every chunk's finished frames in order."""
-    h = vae.decoder.head(vae.post_quant_conv(z))
+    """Decode one spatial tile z (B, C, T', h, w) chunk by chunk, streamed; ``visit(y)`` gets every
+    chunk's finished frames in order. When the mid-block attention mixes frames, the decoder's
+    latent-resolution head (up to that attention) first runs over all T' frames at once."""
+    d = vae.decoder
+    whole = d.head(vae.post_quant_conv(z)) if _mixes_frames(d) else None
     ctx.restart()
     for i, ts in enumerate(chunks):
         ctx.final = i == len(chunks) - 1
         try:
-            y = vae.decoder.tail(h[:, :, ts])
+            y = d.tail(whole[:, :, ts] if whole is not None else d.head(vae.post_quant_conv(z[:, :, ts])))
         except _Stop:
             continue
         visit(y)
@@ -252,18 +260,26 @@ def _decode_tile(vae, ctx: TimeStream, z: torch.Tensor, chunks: List[slice], vis
 
 
 def _encode_tile(vae, ctx: TimeStream, x: torch.Tensor, chunks: List[slice], visit) -> None:
-    """Encode one spatial tile x (B, C, T, H, W): the encoder's head (up to the mid-block attention)
-    chunk by chunk, streamed, then the latent-resolution tail over all latent frames at once."""
+    """Encode one spatial tile x (B, C, T, H, W) chunk by chunk, streamed. When the mid-block
+    attention mixes frames, the encoder's latent-resolution tail (that attention onwards) runs once,
+    over all latent frames of the chunks' heads."""
+    e = vae.encoder
+    mixes = _mixes_frames(e)
     ctx.restart()
     parts, stopped = [], False
     for i, ts in enumerate(chunks):
         ctx.final = i == len(chunks) - 1
         try:
-            parts.append(vae.encoder.head(x[:, :, ts]))
+            if mixes:
+                parts.append(e.head(x[:, :, ts]))
+            else:
+                visit(vae.quant_conv(e(x[:, :, ts])))
         except _Stop:
             stopped = True
     if stopped:
         raise _Stop
+    if not mixes:
+        return
     h = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     del parts
     visit(vae.quant_conv(vae.encoder.tail(h)))
@@ -336,9 +352,11 @@ def stream(cfg: TilingConfig, vae, kind: str, x: torch.Tensor, p: _Plan, out_sha
     """Run the tiles and time chunks of ``p`` through the VAE's decoder or encoder, blend into a
     preallocated output of ``out_shape``."""
     if kind == "decode":
-        run, streamed = functools.partial(_decode_tile, vae), vae.decoder.tail_modules()
+        d = vae.decoder
+        run, streamed = functools.partial(_decode_tile, vae), d.tail_modules() if _mixes_frames(d) else [d]
     else:
-        run, streamed = functools.partial(_encode_tile, vae), vae.encoder.head_modules()
+        e = vae.encoder
+        run, streamed = functools.partial(_encode_tile, vae), e.head_modules() if _mixes_frames(e) else [e]
     norms = _norms(vae)
     saved = [m.fixed_stats for m in norms]
     try:
