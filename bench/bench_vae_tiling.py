@@ -1,19 +1,25 @@
 """Tiled VAE decode (osp.models.vae.tiling) against the untiled decode of the same model.
 
-One row per (clip size, tiling variant): the tiled decode timed against the untiled one; its note
-carries the PSNR of the tiled output against the untiled output (20*log10(2/rmse) on [-1, 1]
-data) and the peak memory of both: CUDA max_memory_allocated on GPU; on CPU the peak RSS of a
-fresh subprocess doing one call (``python -m bench.bench_vae_tiling --peak SIZE VARIANT``), as
-bench_vae does. Variants: stream with norm "tile", "estimate", "global" (spatial + temporal tiles)
-and upstream's "osp-v1.0" (spatial only).
+Two kinds of rows, all timed against the untiled decode where it fits:
+
+- memory rows (backend "stream"): one per clip size, tiled stream decode (norm "tile", spatial
+  and temporal tiles). The note carries the peak memory of the tiled and the untiled decode, the
+  part beyond the output, and the work factor (latent positions the tiles cover / latent
+  positions: the recomputation the spatial overlap costs; time chunks do not overlap). Peak memory:
+  CUDA max_memory_allocated on GPU; on CPU the peak RSS of a fresh subprocess doing one call
+  (``python -m bench.bench_vae_tiling --peak CLIP VARIANT``).
+- seam rows: on one clip, every variant (stream with norm "tile", "estimate", "global", and
+  upstream's "osp-v1.0"), with the PSNR of the tiled output against the untiled output
+  (20*log10(2/rmse) on [-1, 1] data).
 
 Random weights (no downloads), with every res block's conv2 scaled by 0.1 so that the residual
 path dominates as in a trained model: a fully random decoder is far less local than a trained one
 and its PSNRs would say little. Measured PSNRs are therefore indicative, not a trained model's.
 
-GPU: release config (hidden 128, mult 1,2,4,4, 2 res blocks), bf16, tiles of 256 px and 17 frames,
-clips 17x256x512 .. 33x512x512. CPU: small config (hidden 32, mult 1,1,2,2, 1 res block), fp32,
-tiles of 32 px and 5 frames, clips 9x64x64 and 9x128x128.
+GPU: release config (hidden 128, mult 1,2,4,4, 2 res blocks), bf16, tiles of 256 px and 17
+frames; clips 17/65/129 frames at 256^2, 512^2, 1024^2 (untiled runs that do not fit are
+reported as out of memory). CPU: small config (hidden 32, mult 1,1,2,2, 1 res block), fp32, tiles
+of 32 px and 5 frames; the same grid scaled down 4x in each axis (64^2 .. 256^2, 9 .. 65 frames).
 """
 from __future__ import annotations
 
@@ -21,16 +27,19 @@ import argparse
 import gc
 import json
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .harness import Case, peak_cuda_mib, peak_rss_in_subprocess, peak_rss_mib
 
 GPU = dict(config={}, dtype=torch.bfloat16, tile=256, frames=17,
-           clips=[(1, 3, 17, 256, 512), (1, 3, 17, 512, 512), (1, 3, 33, 512, 512)])
+           memory=[(17, 256, 256), (17, 512, 512), (17, 1024, 1024), (65, 256, 256), (129, 256, 256),
+                   (65, 512, 512), (129, 1024, 1024)],
+           seam=(17, 512, 512))
 CPU = dict(config=dict(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1), dtype=torch.float32,
-           tile=32, frames=5, clips=[(1, 3, 9, 64, 64), (1, 3, 9, 128, 128)])
+           tile=32, frames=5, memory=[(9, 64, 64), (9, 128, 128), (9, 256, 256), (33, 64, 64), (65, 64, 64)],
+           seam=(9, 128, 128))
 VARIANTS: Dict[str, dict] = {
     "stream-tile": dict(mode="stream", norm="tile", temporal=True),
     "stream-estimate": dict(mode="stream", norm="estimate", temporal=True),
@@ -39,7 +48,11 @@ VARIANTS: Dict[str, dict] = {
 }
 
 
-def _model(spec, device):
+def spec_for(device: str) -> dict:
+    return GPU if device.startswith("cuda") else CPU
+
+
+def model(spec, device):
     from osp.models import CausalVideoVAE
     from osp.models.vae.blocks import ResnetBlock3D
 
@@ -52,74 +65,124 @@ def _model(spec, device):
     return vae
 
 
-def _latent(vae, spec, clip, device):
+def latent(vae, spec, clip, device):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(vae.latent_shape(clip), generator=g).to(device=device, dtype=spec["dtype"])
+    return torch.randn(vae.latent_shape((1, 3) + tuple(clip)), generator=g).to(device=device, dtype=spec["dtype"])
 
 
-def _decode(vae, spec, z, variant):
+def configure(vae, spec, variant: str) -> None:
     if variant == "untiled":
         vae.disable_tiling()
-    else:
-        v = VARIANTS[variant]
-        vae.enable_tiling(mode=v["mode"], tile_sample_size=spec["tile"], norm=v["norm"], progress=False,
-                          tile_frames=spec["frames"] if v["temporal"] else None)
-    with torch.no_grad():
-        out = vae.decode(z).sample
-    vae.disable_tiling()
-    return out
+        return
+    v = VARIANTS[variant]
+    vae.enable_tiling(mode=v["mode"], tile_sample_size=spec["tile"], norm=v["norm"], progress=False,
+                      tile_frames=spec["frames"] if v["temporal"] else None)
 
 
-def _psnr(out, ref) -> float:
+def decode(vae, spec, z, variant):
+    configure(vae, spec, variant)
+    try:
+        with torch.no_grad():
+            return vae.decode(z).sample
+    finally:
+        vae.disable_tiling()
+
+
+def work_factor(vae, spec, z, variant) -> float:
+    """Latent positions the variant's tiles cover / latent positions (1 = no recomputation)."""
+    from osp.models.vae import tiling
+
+    if variant == "untiled":
+        return 1.0
+    v = VARIANTS[variant]
+    T, h, w = z.shape[2:]
+    L = spec["tile"] // vae.spatial_compression
+    if v["mode"] == "osp-v1.0":  # upstream: tiles at every stride, clipped at the border
+        stride = int(L * 0.75)  # the default overlap 0.25
+        cover = [sum(min(L, n - a) for a in range(0, n, stride)) for n in (h, w)]
+        return cover[0] * cover[1] / (h * w)
+    cfg = tiling.make_config(vae, tile_sample_size=spec["tile"], tile_frames=spec["frames"], norm=v["norm"])
+    return tiling.plan(cfg, (T, h, w), vae.spatial_compression, vae.temporal_compression, "decode").work
+
+
+def psnr(out, ref) -> float:
     mse = (out.double() - ref.double()).square().mean().item()
     return 20 * math.log10(2 / math.sqrt(mse)) if mse > 0 else math.inf
 
 
+def clip_name(clip) -> str:
+    return "x".join(map(str, clip))
+
+
+def peak_mib(vae, spec, clip, variant, device) -> Tuple[Optional[float], Optional[torch.Tensor]]:
+    """(peak MiB of one decode, its output on the CPU) or (None, None) when it runs out of memory.
+    On CPU the peak comes from a fresh subprocess and the output from this process."""
+    z = latent(vae, spec, clip, device)
+    if device.startswith("cuda"):
+        holder = {}
+        try:
+            peak = peak_cuda_mib(lambda: holder.setdefault("y", decode(vae, spec, z, variant)))
+        except torch.cuda.OutOfMemoryError:
+            holder.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            return None, None
+        y = holder.pop("y").float().cpu()
+        torch.cuda.empty_cache()
+        return peak, y
+    return peak_rss_in_subprocess("bench.bench_vae_tiling", clip_name(clip), variant), None
+
+
+def memory_note(spec, clip, vae, z, tiled: Optional[float], untiled: Optional[float], work: float) -> str:
+    out_mib = 3 * clip[0] * clip[1] * clip[2] * torch.finfo(spec["dtype"]).bits / 8 / 2**20
+
+    def fmt(p):
+        return "out of memory" if p is None else f"{p:.0f} MiB (beyond the output {p - out_mib:.0f})"
+
+    return (f"tiles {spec['tile']} px x {spec['frames']} frames, work {work:.2f}x; output {out_mib:.0f} MiB; "
+            f"peak tiled {fmt(tiled)}, untiled {fmt(untiled)}")
+
+
 def cases(device: str, quick: bool) -> List[Case]:
-    cuda = device.startswith("cuda")
-    spec = GPU if cuda else CPU
-    vae = _model(spec, device)
+    spec = spec_for(device)
+    vae = model(spec, device)
+    dtype = str(spec["dtype"]).replace("torch.", "")
     out: List[Case] = []
-    for size, clip in enumerate(spec["clips"][:1] if quick else spec["clips"]):
-        z = _latent(vae, spec, clip, device)
-        peaks: Dict[str, float] = {}
-        results: Dict[str, Tuple[torch.Tensor, float]] = {}
-        for variant in ["untiled"] + list(VARIANTS):
-            fn = (lambda v=variant, z=z: _decode(vae, spec, z, v))
-            if cuda:
-                holder = {}
-                peaks[variant] = peak_cuda_mib(lambda holder=holder, fn=fn: holder.setdefault("y", fn()))
-                results[variant] = holder["y"].float().cpu()
-            else:
-                peaks[variant] = peak_rss_in_subprocess("bench.bench_vae_tiling", str(size), variant)
-                results[variant] = fn()
-        base_fn = (lambda z=z: _decode(vae, spec, z, "untiled"))
-        ref = results["untiled"]
-        nbytes = (z.numel() + ref.numel()) * z.element_size()
-        for variant in VARIANTS:
-            v = VARIANTS[variant]
-            tiles = f"tiles {spec['tile']} px" + (f" x {spec['frames']} frames" if v["temporal"] else "")
-            out.append(Case(
-                op="vae_tiling", shape="x".join(map(str, clip)), dtype=str(spec["dtype"]).replace("torch.", ""),
-                layout="ncdhw", backend=variant, mode="decode",
-                run=(lambda v=variant, z=z: _decode(vae, spec, z, v)), baseline=base_fn,
-                baseline_name="untiled decode", bytes=nbytes,
-                note=(f"{tiles}; PSNR vs untiled {_psnr(results[variant], ref):.2f} dB; peak {peaks[variant]:.0f} MiB "
-                      f"vs untiled {peaks['untiled']:.0f} MiB ({peaks[variant] / max(peaks['untiled'], 1e-9):.2f}x)"),
-            ))
-        del results, ref
-        gc.collect()
+    for clip in spec["memory"][:2] if quick else spec["memory"]:
+        z = latent(vae, spec, clip, device)
+        untiled, _ = peak_mib(vae, spec, clip, "untiled", device)
+        tiled, _ = peak_mib(vae, spec, clip, "stream-tile", device)
+        fits = untiled is not None
+        out.append(Case(
+            op="vae_tiling", shape=clip_name(clip), dtype=dtype, layout="ncdhw", backend="stream", mode="decode",
+            run=(lambda z=z: decode(vae, spec, z, "stream-tile")),
+            baseline=(lambda z=z: decode(vae, spec, z, "untiled")) if fits else None,
+            baseline_name="untiled decode", bytes=2 * z.numel() * z.element_size(),
+            note=memory_note(spec, clip, vae, z, tiled, untiled, work_factor(vae, spec, z, "stream-tile"))))
+    clip = spec["seam"]
+    z = latent(vae, spec, clip, device)
+    ref = decode(vae, spec, z, "untiled").float().cpu()
+    for variant, v in VARIANTS.items():
+        y = decode(vae, spec, z, variant).float().cpu()
+        tiles = f"tiles {spec['tile']} px" + (f" x {spec['frames']} frames" if v["temporal"] else "")
+        out.append(Case(
+            op="vae_tiling", shape=clip_name(clip), dtype=dtype, layout="ncdhw", backend=variant, mode="decode",
+            run=(lambda v=variant: decode(vae, spec, z, v)), baseline=(lambda: decode(vae, spec, z, "untiled")),
+            baseline_name="untiled decode", bytes=2 * z.numel() * z.element_size(),
+            note=f"{tiles}; PSNR vs untiled {psnr(y, ref):.2f} dB; work {work_factor(vae, spec, z, variant):.2f}x"))
+        del y
     return out
 
 
-def _peak_main(size: int, variant: str) -> None:
-    vae = _model(CPU, "cpu")
-    z = _latent(vae, CPU, CPU["clips"][size], "cpu")
-    print(json.dumps({"peak_mib": peak_rss_mib(lambda: _decode(vae, CPU, z, variant))}))
+def _peak_main(clip: str, variant: str) -> None:
+    vae = model(CPU, "cpu")
+    z = latent(vae, CPU, tuple(int(v) for v in clip.split("x")), "cpu")
+    print(json.dumps({"peak_mib": peak_rss_mib(lambda: decode(vae, CPU, z, variant))}))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--peak", nargs=2, metavar=("SIZE", "VARIANT"), required=True)
+    parser.add_argument("--peak", nargs=2, metavar=("CLIP", "VARIANT"), required=True,
+                        help="CLIP as TxHxW (e.g. 9x64x64), VARIANT untiled or one of " + ", ".join(VARIANTS))
     a = parser.parse_args()
-    _peak_main(int(a.peak[0]), a.peak[1])
+    _peak_main(*a.peak)

@@ -195,49 +195,58 @@ def vae_section() -> bool:
     return ok
 
 
+def _bench_suite(name: str):
+    """A benchmark suite module of the source checkout (bench/ is not installed), or None."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / "bench" / "__main__.py").exists():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module(f"bench.{name}")
+    return None
+
+
 def tiling_section() -> None:
-    """Decode one latent untiled and tiled in each mode: peak memory and seam PSNR vs untiled."""
-    import math
+    """Tiled decoding: peak memory tiled vs untiled as the clip grows, then the seam PSNR of each mode."""
     import time
 
-    from osp.models import CausalVideoVAE
-
-    frames, size, tile = (33, 256, 128) if DEVICE == "cuda" else (9, 96, 32)
-    torch.manual_seed(0)
-    vae = CausalVideoVAE(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1).to(DEVICE).eval()
-    with torch.no_grad():  # quieter random decoder: random weights amplify every seam
-        for name, p in vae.named_parameters():
-            if name.endswith("conv2.conv.weight"):
-                p.mul_(0.1)
-    z = torch.randn(vae.latent_shape((1, 3, frames, size, size)), generator=torch.Generator().manual_seed(1))
-    z = z.to(DEVICE)
-    print(f"\n## Tiled decoding of a {frames}x{size}x{size} clip ({tile}-px tiles, random weights)\n")
-    if DEVICE != "cuda":
-        print("Peak memory needs a fresh process per mode on CPU: `python -m bench --ops vae_tiling`.\n")
-    print("| mode | norm | time (s) | peak memory (MiB) | PSNR vs untiled (dB) |")
-    print("|---|---|---|---|---|")
+    b = _bench_suite("bench_vae_tiling")
+    if b is None:
+        print("\n(tiled decoding section skipped: run from a source checkout, which has bench/)")
+        return
+    # The CPU grid and model keep the demo short (on a GPU too); a smaller seam clip than the bench's.
+    spec = dict(b.CPU, seam=(9, 96, 96), dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    vae = b.model(spec, DEVICE)
+    print(f"\n## Tiled decoding (random-weight small VAE, {spec['tile']}-px tiles x {spec['frames']} frames)\n")
+    where = "CUDA max allocated" if DEVICE == "cuda" else "peak RSS of a fresh process per decode"
+    print(f"Peak memory of one decode ({where}), MiB; 'beyond' excludes the output itself. "
+          "Work: latent positions decoded / latent positions (the overlap's recomputation).\n")
+    print("| clip | output | untiled peak | untiled beyond | tiled peak | tiled beyond | work |")
+    print("|---|---|---|---|---|---|---|")
+    for clip in spec["memory"][:4]:
+        out_mib = 3 * clip[0] * clip[1] * clip[2] * torch.finfo(spec["dtype"]).bits / 8 / 2**20
+        peaks = [b.peak_mib(vae, spec, clip, v, DEVICE)[0] for v in ("untiled", "stream-tile")]
+        cells = [f"{p:.0f} | {p - out_mib:.0f}" if p is not None else "out of memory | -" for p in peaks]
+        work = b.work_factor(vae, spec, b.latent(vae, spec, clip, DEVICE), "stream-tile")
+        print(f"| {b.clip_name(clip)} | {out_mib:.1f} | {cells[0]} | {cells[1]} | {work:.2f}x |")
+    clip = spec["seam"]
+    z = b.latent(vae, spec, clip, DEVICE)
+    print(f"\nSeams on a {b.clip_name(clip)} clip: each mode against the untiled decode "
+          "(PSNR on [-1, 1]; random weights make every PSNR low, compare the modes).\n")
+    print("| mode | norm | time (s) | PSNR vs untiled (dB) |")
+    print("|---|---|---|---|")
     ref = None
-    for mode, norm, frames_per_tile in (("untiled", "-", None), ("stream", "tile", 5), ("stream", "global", 5),
-                                        ("osp-v1.0", "tile", None)):
-        if mode == "untiled":
-            vae.disable_tiling()
-        else:
-            vae.enable_tiling(mode=mode, tile_sample_size=tile, tile_frames=frames_per_tile, norm=norm, progress=False)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+    for variant in ["untiled"] + list(b.VARIANTS):
         start = time.perf_counter()
-        with torch.no_grad():
-            y = vae.decode(z).sample
+        y = b.decode(vae, spec, z, variant).float().cpu()
         seconds = time.perf_counter() - start
-        mib = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}" if DEVICE == "cuda" else "-"
-        y = y.double().cpu()
         ref = y if ref is None else ref
-        mse = (y - ref).square().mean().item()
-        psnr = "-" if mode == "untiled" else (f"{20 * math.log10(2 / math.sqrt(mse)):.1f}" if mse else "inf")
-        print(f"| {mode} | {norm} | {seconds:.1f} | {mib} | {psnr} |")
-    vae.disable_tiling()
+        v = b.VARIANTS.get(variant, dict(mode="untiled", norm="-"))
+        psnr = "-" if variant == "untiled" else f"{b.psnr(y, ref):.1f}"
+        print(f"| {v['mode']} | {v['norm']} | {seconds:.1f} | {psnr} |")
 
 
 def run(bench: bool = True) -> int:

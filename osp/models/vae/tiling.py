@@ -4,9 +4,9 @@ Two modes, chosen by ``CausalVideoVAE.enable_tiling(mode=...)``:
 
 ``"stream"`` (osp's): spatial tiles, each fed through the network in consecutive time chunks.
 
-- Space: tiles of at most L = tile_sample_size / s latents (s = 8), neighbours overlapping by at
-  least int(L * overlap); the fewest such tiles, of equal size, spread evenly (``axis_tiles``), so
-  the recomputation is the least the overlap allows. Every tile's output is accumulated into one
+- Space: tiles of at most L = tile_sample_size / s latents (s = 8), neighbours overlapping by
+  int(L * overlap); the fewest such tiles, of nearly equal size (``axis_tiles``), so the
+  recomputation is the least the overlap allows. Every tile's output is accumulated into one
   preallocated output with ``osp.ops.blend_tile_`` (separable linear ramps over the overlaps), then
   ``blend_normalize_``: peak memory is the output plus about one tile-chunk's activations.
 - Time (``tile_frames``): chunks of Lt = (tile_frames-1)/4 + 1 latent frames that do NOT overlap
@@ -121,14 +121,15 @@ def make_config(vae, mode="stream", tile_sample_size=256, tile_frames=None, over
 
 
 def axis_tiles(n: int, tile: int, overlap: int) -> List[Tuple[int, int]]:
-    """Fewest tiles of at most ``tile`` covering [0, n), neighbours overlapping by >= ``overlap``: count
-    c = ceil((n - overlap) / (tile - overlap)), all of length ceil((n + (c-1) * overlap) / c) <= tile,
-    spread evenly. The total length n + ~(c-1) * overlap is the least any such cover recomputes."""
+    """Fewest tiles of at most ``tile`` covering [0, n), neighbours overlapping by exactly ``overlap``:
+    count c = ceil((n - overlap) / (tile - overlap)), lengths within one of each other summing to
+    n + (c-1) * overlap, the least any such cover recomputes."""
     if n <= tile:
         return [(0, n)]
     count = -(-(n - overlap) // (tile - overlap))
-    size = -(-(n + (count - 1) * overlap) // count)
-    return [(a, a + size) for a in (round(k * (n - size) / (count - 1)) for k in range(count))]
+    total = n + (count - 1) * overlap
+    cuts = [round(k * total / count) for k in range(count + 1)]
+    return [(cuts[k] - k * overlap, cuts[k + 1] - k * overlap) for k in range(count)]
 
 
 def _owned_bounds(ranges: Sequence[Tuple[int, int]], n: int) -> List[int]:
