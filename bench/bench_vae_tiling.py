@@ -10,7 +10,8 @@ Two kinds of rows, all timed against the untiled decode where it fits:
   (``python -m bench.bench_vae_tiling --peak CLIP VARIANT``).
 - seam rows: on one clip, every variant (stream with norm "tile", "estimate", "global", and
   upstream's "osp-v1.0"), with the PSNR of the tiled output against the untiled output
-  (20*log10(2/rmse) on [-1, 1] data).
+  (20*log10(2/rmse) on [-1, 1] data) and how far the GroupNorm statistics it used are from the
+  untiled ones (``norm_stats_error``).
 
 Random weights (no downloads), with every res block's conv2 scaled by 0.1 so that the residual
 path dominates as in a trained model: a fully random decoder is far less local than a trained one
@@ -18,12 +19,14 @@ and its PSNRs would say little. Measured PSNRs are therefore indicative, not a t
 
 GPU: release config (hidden 128, mult 1,2,4,4, 2 res blocks), bf16, tiles of 256 px and 17
 frames; clips 17/65/129 frames at 256^2, 512^2, 1024^2 (untiled runs that do not fit are
-reported as out of memory). CPU: small config (hidden 32, mult 1,1,2,2, 1 res block), fp32, tiles
-of 32 px and 5 frames; the same grid scaled down 4x in each axis (64^2 .. 256^2, 9 .. 65 frames).
+reported as out of memory), seams on 17x512x512. CPU: small config (hidden 32, mult 1,1,2,2, 1 res
+block), fp32, tiles of 32 px and 5 frames; the memory grid scaled down 4x in each axis (64^2 ..
+256^2, 9 .. 65 frames); seams on 9x128x128 in 64-px tiles.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -36,10 +39,10 @@ from .harness import Case, peak_cuda_mib, peak_rss_in_subprocess, peak_rss_mib
 GPU = dict(config={}, dtype=torch.bfloat16, tile=256, frames=17,
            memory=[(17, 256, 256), (17, 512, 512), (17, 1024, 1024), (65, 256, 256), (129, 256, 256),
                    (65, 512, 512), (129, 1024, 1024)],
-           seam=(17, 512, 512))
+           seam=(17, 512, 512), seam_tile=256)
 CPU = dict(config=dict(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1), dtype=torch.float32,
            tile=32, frames=5, memory=[(9, 64, 64), (9, 128, 128), (9, 256, 256), (33, 64, 64), (65, 64, 64)],
-           seam=(9, 128, 128))
+           seam=(9, 128, 128), seam_tile=64)
 VARIANTS: Dict[str, dict] = {
     "stream-tile": dict(mode="stream", norm="tile", temporal=True),
     "stream-estimate": dict(mode="stream", norm="estimate", temporal=True),
@@ -50,6 +53,12 @@ VARIANTS: Dict[str, dict] = {
 
 def spec_for(device: str) -> dict:
     return GPU if device.startswith("cuda") else CPU
+
+
+def seam_spec(spec: dict) -> dict:
+    """The spec of the seam rows: their tile size (on CPU larger than the memory rows' 32 px, whose
+    4-latent tiles are mostly border)."""
+    return dict(spec, tile=spec["seam_tile"])
 
 
 def model(spec, device):
@@ -103,6 +112,46 @@ def work_factor(vae, spec, z, variant) -> float:
         return cover[0] * cover[1] / (h * w)
     cfg = tiling.make_config(vae, tile_sample_size=spec["tile"], tile_frames=spec["frames"], norm=v["norm"])
     return tiling.plan(cfg, (T, h, w), vae.spatial_compression, vae.temporal_compression, "decode").work
+
+
+def decode_recording(vae, spec, z, variant) -> Tuple[torch.Tensor, Dict[str, list]]:
+    """Decode, recording the GroupNorm statistics (mean, std) per (sample, group) that every decoder
+    norm call normalizes with: its input's own, or the fixed (global / estimated) ones."""
+    from osp.models.vae.tiling import group_partial_stats
+    from osp.nn import GroupNorm
+
+    norms = {name: m for name, m in vae.decoder.named_modules() if isinstance(m, GroupNorm)}
+    seen: Dict[str, list] = {name: [] for name in norms}
+    # A statistics pass of norm="global" runs each norm once on its own input before fixing it:
+    # record own statistics only where the variant normalizes with them.
+    own = variant in ("untiled", "osp-v1.0") or VARIANTS[variant]["norm"] == "tile"
+
+    def hook(name, module, args):
+        if module.fixed_stats is not None:
+            mean, rstd = module.fixed_stats
+            seen[name].append((mean.double(), 1 / rstd.double()))
+        elif own:
+            n, mean, m2 = group_partial_stats(args[0], module.num_groups)
+            seen[name].append((mean, (m2 / n + module.eps).sqrt()))
+
+    handles = [m.register_forward_pre_hook(functools.partial(hook, name)) for name, m in norms.items()]
+    try:
+        y = decode(vae, spec, z, variant)
+    finally:
+        for h in handles:
+            h.remove()
+    return y, seen
+
+
+def norm_stats_error(ref: Dict[str, list], seen: Dict[str, list]) -> float:
+    """How far the statistics a variant normalized with (``seen``) are from the untiled decode's
+    (``ref``): the mean over norm layers, calls (tile-chunks) and groups of
+    (|mean - mean_ref| + |std - std_ref|) / std_ref. Per-tile statistics are what upstream blames
+    for the "gridding effect"; this isolates them from the convs' tile-border effects, which the PSNR
+    mixes in."""
+    errs = [((mean - ref[name][0][0]).abs() + (std - ref[name][0][1]).abs()) / ref[name][0][1]
+            for name, calls in seen.items() for mean, std in calls]
+    return torch.cat([e.flatten() for e in errs]).mean().item()
 
 
 def psnr(out, ref) -> float:
@@ -159,17 +208,21 @@ def cases(device: str, quick: bool) -> List[Case]:
             baseline=(lambda z=z: decode(vae, spec, z, "untiled")) if fits else None,
             baseline_name="untiled decode", bytes=2 * z.numel() * z.element_size(),
             note=memory_note(spec, clip, vae, z, tiled, untiled, work_factor(vae, spec, z, "stream-tile"))))
-    clip = spec["seam"]
+    clip, spec = spec["seam"], seam_spec(spec)
     z = latent(vae, spec, clip, device)
-    ref = decode(vae, spec, z, "untiled").float().cpu()
+    ref, ref_stats = decode_recording(vae, spec, z, "untiled")
+    ref = ref.float().cpu()
     for variant, v in VARIANTS.items():
-        y = decode(vae, spec, z, variant).float().cpu()
+        y, stats = decode_recording(vae, spec, z, variant)
+        y = y.float().cpu()
         tiles = f"tiles {spec['tile']} px" + (f" x {spec['frames']} frames" if v["temporal"] else "")
         out.append(Case(
             op="vae_tiling", shape=clip_name(clip), dtype=dtype, layout="ncdhw", backend=variant, mode="decode",
             run=(lambda v=variant: decode(vae, spec, z, v)), baseline=(lambda: decode(vae, spec, z, "untiled")),
             baseline_name="untiled decode", bytes=2 * z.numel() * z.element_size(),
-            note=f"{tiles}; PSNR vs untiled {psnr(y, ref):.2f} dB; work {work_factor(vae, spec, z, variant):.2f}x"))
+            note=(f"{tiles}; PSNR vs untiled {psnr(y, ref):.2f} dB; GroupNorm statistics off by "
+                  f"{100 * norm_stats_error(ref_stats, stats):.2f}% of std; "
+                  f"work {work_factor(vae, spec, z, variant):.2f}x")))
         del y
     return out
 

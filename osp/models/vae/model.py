@@ -228,15 +228,16 @@ class CausalVideoVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
         """Tile ``decode`` and ``encode`` whenever the input exceeds one tile (``osp.models.vae.tiling``).
 
         Args:
-            mode: "stream" (spatial and temporal tiles blended into one preallocated output: peak memory
-                about the output plus one tile's activations) or "osp-v1.0" (upstream v1.0's
-                tiled_decode2d / tiled_encode2d, spatial only, reproducing its results).
-            tile_sample_size: tile side in sample pixels (a multiple of spatial_compression; 256 = 32
-                latents).
-            tile_frames: "stream" only: sample frames per temporal tile, 1 + 4k (e.g. 17); None tiles
-                space only.
-            overlap: fraction of a tile that neighbours share, in [0, 1) (upstream's
-                tile_overlap_factor).
+            mode: "stream" (overlapping spatial tiles, each streamed through time in exact causal
+                chunks, blended into one preallocated output: peak memory about the output plus one
+                tile-chunk's activations) or "osp-v1.0" (upstream v1.0's tiled_decode2d /
+                tiled_encode2d, spatial only, reproducing its results).
+            tile_sample_size: largest tile side in sample pixels (a multiple of spatial_compression;
+                256 = 32 latents). "stream" uses the fewest tiles that fit, nearly equal in size.
+            tile_frames: "stream" only: sample frames per time chunk, 1 + 4k (e.g. 17); chunks do not
+                overlap (each carries the previous chunk's causal history); None: all frames at once.
+            overlap: fraction of a tile that spatial neighbours share, in [0, 1) (upstream's
+                tile_overlap_factor); the spatial recomputation grows with it.
             norm: GroupNorm statistics in "stream" mode: "global" (of the whole input, exact, one
                 pass per norm layer: slow, seam-free), "estimate" (from one pass over a subsample
                 of the input: cheap, approximate) or "tile" (each tile's own, as upstream). Default
