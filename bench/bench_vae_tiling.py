@@ -30,6 +30,7 @@ import functools
 import gc
 import json
 import math
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -182,8 +183,12 @@ def peak_mib(vae, spec, clip, variant, device) -> Tuple[Optional[float], Optiona
     return peak_rss_in_subprocess("bench.bench_vae_tiling", clip_name(clip), variant), None
 
 
-def memory_note(spec, clip, vae, z, tiled: Optional[float], untiled: Optional[float], work: float) -> str:
-    out_mib = 3 * clip[0] * clip[1] * clip[2] * torch.finfo(spec["dtype"]).bits / 8 / 2**20
+def output_mib(spec, clip) -> float:
+    return 3 * clip[0] * clip[1] * clip[2] * torch.finfo(spec["dtype"]).bits / 8 / 2**20
+
+
+def memory_note(spec, clip, tiled: Optional[float], untiled: Optional[float], work: float) -> str:
+    out_mib = output_mib(spec, clip)
 
     def fmt(p):
         return "out of memory" if p is None else f"{p:.0f} MiB (beyond the output {p - out_mib:.0f})"
@@ -202,12 +207,15 @@ def cases(device: str, quick: bool) -> List[Case]:
         untiled, _ = peak_mib(vae, spec, clip, "untiled", device)
         tiled, _ = peak_mib(vae, spec, clip, "stream-tile", device)
         fits = untiled is not None
+        work = work_factor(vae, spec, z, "stream-tile")
         out.append(Case(
             op="vae_tiling", shape=clip_name(clip), dtype=dtype, layout="ncdhw", backend="stream", mode="decode",
             run=(lambda z=z: decode(vae, spec, z, "stream-tile")),
             baseline=(lambda z=z: decode(vae, spec, z, "untiled")) if fits else None,
             baseline_name="untiled decode", bytes=2 * z.numel() * z.element_size(),
-            note=memory_note(spec, clip, vae, z, tiled, untiled, work_factor(vae, spec, z, "stream-tile"))))
+            note=memory_note(spec, clip, tiled, untiled, work),
+            data=dict(clip=list(clip), output_mib=output_mib(spec, clip), peak_tiled_mib=tiled,
+                      peak_untiled_mib=untiled, work=work, tile=spec["tile"], tile_frames=spec["frames"])))
     clip, spec = spec["seam"], seam_spec(spec)
     z = latent(vae, spec, clip, device)
     ref, ref_stats = decode_recording(vae, spec, z, "untiled")
@@ -227,6 +235,45 @@ def cases(device: str, quick: bool) -> List[Case]:
     return out
 
 
+def figure(results, out_png) -> bool:
+    """Peak memory beyond the output against the clip, tiled and untiled, for the newest memory rows
+    of each device in a results file; False if matplotlib is missing or there are no such rows."""
+    from .harness import load_rows
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("figure: matplotlib is not installed (the osp[plot] extra)", file=sys.stderr)
+        return False
+    latest: Dict[str, Dict[str, dict]] = {}
+    for r in load_rows(results):
+        if r.get("op") == "vae_tiling" and "data" in r and "peak_tiled_mib" in r["data"]:
+            latest.setdefault(r["device"], {})[r["shape"]] = r
+    if not latest:
+        print(f"figure: {results} holds no vae_tiling memory rows", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, len(latest), figsize=(6.5 * len(latest), 4), squeeze=False)
+    for ax, (device, rows) in zip(axes[0], latest.items()):
+        names = list(rows)
+        for key, label in (("peak_untiled_mib", "untiled"), ("peak_tiled_mib", "tiled (stream)")):
+            vals = [(rows[n]["data"][key] or float("nan")) - rows[n]["data"]["output_mib"] for n in names]
+            ax.plot(names, vals, marker="o", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("clip (frames x H x W)")
+        ax.set_ylabel("peak memory beyond the output (MiB)")
+        ax.set_title(f"tiled decode: {device}\n({next(iter(rows.values()))['dtype']}, "
+                     f"{next(iter(rows.values()))['data']['tile']}-px tiles)", fontsize=9)
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _peak_main(clip: str, variant: str) -> None:
     vae = model(CPU, "cpu")
     z = latent(vae, CPU, tuple(int(v) for v in clip.split("x")), "cpu")
@@ -234,8 +281,16 @@ def _peak_main(clip: str, variant: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--peak", nargs=2, metavar=("CLIP", "VARIANT"), required=True,
-                        help="CLIP as TxHxW (e.g. 9x64x64), VARIANT untiled or one of " + ", ".join(VARIANTS))
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_vae_tiling")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--peak", nargs=2, metavar=("CLIP", "VARIANT"),
+                       help="print the peak RSS of one CPU decode: CLIP as TxHxW (e.g. 9x64x64), VARIANT untiled "
+                            "or one of " + ", ".join(VARIANTS))
+    group.add_argument("--figure", metavar="PNG", help="draw the memory rows of bench/results/results.jsonl")
     a = parser.parse_args()
-    _peak_main(*a.peak)
+    if a.peak:
+        _peak_main(*a.peak)
+    else:
+        from .harness import RESULTS
+
+        sys.exit(0 if figure(RESULTS, a.figure) else 1)

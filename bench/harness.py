@@ -49,6 +49,7 @@ class Case:
     "fwd+bwd": the forward's x read and y write plus the backward's x read, dy read and dx write).
     ``flops`` is None for ops without arithmetic worth a rate (normalizations, copies).
     ``grad_to_none`` lists tensors whose ``.grad`` is reset before every timed call.
+    ``data``: measurements beyond the timing (e.g. peak memory), stored in the row under "data".
     """
 
     op: str
@@ -64,6 +65,7 @@ class Case:
     flops: Optional[int] = None
     grad_to_none: List[torch.Tensor] = field(default_factory=list)
     note: str = ""
+    data: Dict[str, object] = field(default_factory=dict)
 
 
 INTERPRETER_NOTE = "Triton interpreter: checks correctness, its timings are not speed"
@@ -252,6 +254,8 @@ def run_cases(cases: Iterable[Case], device: str, peaks: Dict[str, float],
             "backend": case.backend, "mode": case.mode, "bytes": case.bytes, "flops": case.flops,
             "baseline": case.baseline_name, "note": case.note,
         }
+        if case.data:
+            row["data"] = case.data
         try:
             ms, lo, hi = time_ms(case.run, device, case.grad_to_none)
             gbps = case.bytes / ms / 1e6
