@@ -55,7 +55,6 @@ Tiled calls run under ``torch.no_grad()`` (inference only).
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
