@@ -18,10 +18,11 @@ path dominates as in a trained model: a fully random decoder is far less local t
 and its PSNRs would say little. Measured PSNRs are therefore indicative, not a trained model's.
 
 GPU: release config (hidden 128, mult 1,2,4,4, 2 res blocks), bf16, tiles of 256 px and 17
-frames; clips 17/65/129 frames at 256^2, 512^2, 1024^2 (untiled runs that do not fit are
-reported as out of memory), seams on 17x512x512. CPU: small config (hidden 32, mult 1,1,2,2, 1 res
-block), fp32, tiles of 32 px and 5 frames; the memory grid scaled down 4x in each axis (64^2 ..
-256^2, 9 .. 65 frames); seams on 9x128x128 in 64-px tiles.
+frames; clips 17/65/129 frames at 256^2, 512^2, 1024^2 (untiled runs that do not fit are reported
+as out of memory), seams on 17x512x512. CPU: small config (hidden 32, mult 1,1,2,2, 1 res block),
+fp32, tiles of 32 px and 5 frames; the memory grid scaled down 4x in each axis (64^2 .. 256^2,
+9 .. 65 frames); seams on 9x128x128 in 64-px tiles. Both use upstream's frame-mixing attention
+(AttnBlock3D), as the v1.0 weights do.
 """
 from __future__ import annotations
 
@@ -37,11 +38,15 @@ import torch
 
 from .harness import Case, peak_cuda_mib, peak_rss_in_subprocess, peak_rss_mib
 
-GPU = dict(config={}, dtype=torch.bfloat16, tile=256, frames=17,
+# The release layout's attention (upstream's AttnBlock3D, which mixes frames: the latent-resolution
+# head runs over all frames of a tile, the rest streams).
+RELEASE_ATTENTION = dict(encoder_attention="AttnBlock3D", decoder_attention="AttnBlock3D")
+GPU = dict(config=RELEASE_ATTENTION, dtype=torch.bfloat16, tile=256, frames=17,
            memory=[(17, 256, 256), (17, 512, 512), (17, 1024, 1024), (65, 256, 256), (129, 256, 256),
                    (65, 512, 512), (129, 1024, 1024)],
            seam=(17, 512, 512), seam_tile=256)
-CPU = dict(config=dict(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1), dtype=torch.float32,
+CPU = dict(config=dict(RELEASE_ATTENTION, hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1),
+           dtype=torch.float32,
            tile=32, frames=5, memory=[(9, 64, 64), (9, 128, 128), (9, 256, 256), (33, 64, 64), (65, 64, 64)],
            seam=(9, 128, 128), seam_tile=64)
 VARIANTS: Dict[str, dict] = {

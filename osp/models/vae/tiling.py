@@ -160,10 +160,6 @@ class _Tile:
 class _Plan:
     tiles: List[_Tile]
     chunks: List[slice]  # consecutive, non-overlapping input frame ranges
-    lat_chunk: int  # latent frames per chunk
-    latent_shape: Tuple[int, int, int]
-    s: int
-    tc: int
     work: float  # latent positions the tiles cover / latent positions (1 = no recomputation)
 
 
@@ -199,7 +195,7 @@ def plan(cfg: TilingConfig, latent_shape: Sequence[int], s: int, tc: int, kind: 
     else:
         chunks = [slice(0 if a == 0 else tc * (a - 1) + 1, tc * (min(a + Lt, T) - 1) + 1) for a in range(0, T, Lt)]
     work = sum(b - a for a, b in h_ranges) * sum(b - a for a, b in w_ranges) / (h * w)
-    return _Plan(tiles, chunks, Lt, (T, h, w), s, tc, work)
+    return _Plan(tiles, chunks, work)
 
 
 # --- temporal streaming -------------------------------------------------------------------------------
