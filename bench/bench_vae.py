@@ -29,10 +29,10 @@ CPU = dict(config=dict(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_bl
            dtype=torch.float32)
 
 
-def _upstream_conv(x, weight, bias=None, *, stride=1, padding=0, residual=None, backend=None):
+def _upstream_conv(x, weight, bias=None, *, stride=1, padding=0, residual=None, history=None, backend=None):
     kt = weight.shape[2]
     if kt > 1:
-        x = torch.cat([x[:, :, :1]] * (kt - 1) + [x], dim=2)
+        x = torch.cat(([history] if history is not None else [x[:, :, :1]] * (kt - 1)) + [x], dim=2)
     y = F.conv3d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride=normalize_stride(stride),
                  padding=(0, *normalize_padding(padding)))
     return y if residual is None else y + residual
