@@ -21,7 +21,7 @@ GPU: release config (hidden 128, mult 1,2,4,4, 2 res blocks), bf16, tiles of 256
 frames; clips 17/65/129 frames at 256^2, 512^2, 1024^2 (untiled runs that do not fit are reported
 as out of memory), seams on 17x512x512. CPU: small config (hidden 32, mult 1,1,2,2, 1 res block),
 fp32, tiles of 32 px and 5 frames; the memory grid scaled down 4x in each axis (64^2 .. 256^2,
-9 .. 65 frames); seams on 9x128x128 in 64-px tiles. Both use upstream's frame-mixing attention
+9 .. 65 frames); seams on 9x256x256 in 128-px tiles. Both use upstream's frame-mixing attention
 (AttnBlock3D), as the v1.0 weights do.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ GPU = dict(config=RELEASE_ATTENTION, dtype=torch.bfloat16, tile=256, frames=17,
 CPU = dict(config=dict(RELEASE_ATTENTION, hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1),
            dtype=torch.float32,
            tile=32, frames=5, memory=[(9, 64, 64), (9, 128, 128), (9, 256, 256), (33, 64, 64), (65, 64, 64)],
-           seam=(9, 128, 128), seam_tile=64)
+           seam=(9, 256, 256), seam_tile=128)
 VARIANTS: Dict[str, dict] = {
     "stream-tile": dict(mode="stream", norm="tile", temporal=True),
     "stream-estimate": dict(mode="stream", norm="estimate", temporal=True),
@@ -63,7 +63,7 @@ def spec_for(device: str) -> dict:
 
 def seam_spec(spec: dict) -> dict:
     """The spec of the seam rows: their tile size (on CPU larger than the memory rows' 32 px, whose
-    4-latent tiles are mostly border)."""
+    4-latent tiles are mostly border: 16 latents, overlapping by 4)."""
     return dict(spec, tile=spec["seam_tile"])
 
 

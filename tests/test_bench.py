@@ -30,7 +30,7 @@ def test_upstream_style_conv_equals_the_reference(history):
 
 
 def test_work_factor_counts_the_tiles():
-    spec = bench_vae_tiling.seam_spec(bench_vae_tiling.CPU)  # 64-px tiles: 8 latents, overlap 2
+    spec = dict(bench_vae_tiling.CPU, tile=64)  # 8 latents, overlap 2
     vae = bench_vae_tiling.model(spec, "cpu")
     z = torch.zeros(1, 4, 3, 16, 16)
     # stream: 3 tiles of 6-7 latents overlapping by 2 (20 of 16 per axis); osp-v1.0: tiles at every
@@ -43,7 +43,7 @@ def test_work_factor_counts_the_tiles():
 def test_statistics_error_ranks_global_before_tile():
     """The statistics the untiled decode uses have error 0 against themselves; global statistics are
     closer to them than per-tile ones."""
-    spec = dict(bench_vae_tiling.seam_spec(bench_vae_tiling.CPU), frames=5)
+    spec = dict(bench_vae_tiling.CPU, tile=64)
     with osp.ops.use_backend("torch"):
         vae = bench_vae_tiling.model(spec, "cpu")
         z = bench_vae_tiling.latent(vae, spec, (5, 128, 64), "cpu")
