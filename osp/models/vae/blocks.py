@@ -163,7 +163,7 @@ class TimeUpsample2x(nn.Module):
             parts.append(y[:, :, first:last])
             state["prev"] = x[:, :, -1:].clone()
         elif state["ctx"].final and state.get("prev") is not None:
-            parts.append(state["prev"])  # cannot happen with chunks of >= 1 frame after the first
+            parts.append(state["prev"])  # an empty final chunk: release the held output (the clamped last)
         if not parts:
             return x
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
