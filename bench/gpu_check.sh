@@ -60,6 +60,10 @@ if [[ ",$parts," == *",bench,"* ]]; then
     done
 fi
 
+# The tiled-decode memory figure (every device's newest rows), when matplotlib is there.
+if $PY -m bench.bench_vae_tiling --figure "$res/vae_tiling_memory.png" >>"$log" 2>&1 && [ -n "${OUT:-}" ]; then
+    cp "$res/vae_tiling_memory.png" "$OUT/vae_tiling_memory.png"
+fi
 echo "gpu-check: tests rc=$test_rc, bench rc=$bench_rc; log $log" | tee -a "$log"
 publish
 exit $(( test_rc != 0 ? test_rc : bench_rc ))
