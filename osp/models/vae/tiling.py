@@ -388,6 +388,25 @@ def _blend_pass(cfg, ctx, run, x, p, out_shape, kind):
     return ops.blend_normalize_(out, wsum).to(x.dtype)
 
 
+def _statistics_pass(ctx, run, x, p, norms, pre_hook, state, bar) -> None:
+    """One tiled pass with no output, ``pre_hook`` on every GroupNorm (``state["tile"]`` says which
+    tile is running)."""
+    handles = [m.register_forward_pre_hook(pre_hook) for m in norms]
+    try:
+        for tile in p.tiles:
+            state["tile"] = tile
+            _run_tile(run, ctx, x, tile, p.chunks, lambda y: None)
+            bar.update(len(p.chunks))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _owned_stats(x: torch.Tensor, module: GroupNorm, state) -> Optional[Tuple]:
+    """(count, mean, M2) of the part of a norm's input that the running tile owns (None: no frames)."""
+    return group_partial_stats(_owned_crop(x, state["tile"]), module.num_groups) if x.shape[2] else None
+
+
 def _collect_exact(cfg, ctx, run, norms, x, p, kind):
     """One pass per GroupNorm, in execution order (found as the first norm without statistics)."""
     state: Dict[str, object] = {}
@@ -398,26 +417,18 @@ def _collect_exact(cfg, ctx, run, norms, x, p, kind):
         target = state.setdefault("target", module)
         if target is not module:  # cannot happen in a sequential net; be safe
             raise RuntimeError("tiled VAE: GroupNorms ran out of order in a statistics pass")
-        if args[0].shape[2]:
-            part = group_partial_stats(_owned_crop(args[0], state["tile"]), module.num_groups)
+        part = _owned_stats(args[0], module, state)
+        if part is not None:
             state["stats"] = merge_stats(state.get("stats"), part)
         raise _Stop
 
-    handles = [m.register_forward_pre_hook(pre_hook) for m in norms]
-    try:
-        with _bar(cfg, len(norms) * len(p.tiles) * len(p.chunks), f"tiled {kind}: global GroupNorm statistics") as bar:
-            for _ in range(len(norms)):
-                state.clear()
-                for tile in p.tiles:
-                    state["tile"] = tile
-                    _run_tile(run, ctx, x, tile, p.chunks, lambda y: None)
-                    bar.update(len(p.chunks))
-                if "target" not in state:
-                    break
-                _fix(state["target"], state["stats"])
-    finally:
-        for h in handles:
-            h.remove()
+    with _bar(cfg, len(norms) * len(p.tiles) * len(p.chunks), f"tiled {kind}: global GroupNorm statistics") as bar:
+        for _ in range(len(norms)):
+            state.clear()
+            _statistics_pass(ctx, run, x, p, norms, pre_hook, state, bar)
+            if "target" not in state:
+                break
+            _fix(state["target"], state["stats"])
 
 
 def _collect_merged(cfg, ctx, run, norms, x, p, kind):
@@ -428,20 +439,12 @@ def _collect_merged(cfg, ctx, run, norms, x, p, kind):
     merged: Dict[GroupNorm, Tuple] = {}
 
     def pre_hook(module, args):
-        if args[0].shape[2]:
-            part = group_partial_stats(_owned_crop(args[0], state["tile"]), module.num_groups)
+        part = _owned_stats(args[0], module, state)
+        if part is not None:
             merged[module] = merge_stats(merged.get(module), part)
 
-    handles = [m.register_forward_pre_hook(pre_hook) for m in norms]
-    try:
-        with _bar(cfg, len(p.tiles) * len(p.chunks), f"tiled {kind}: estimated GroupNorm statistics") as bar:
-            for tile in p.tiles:
-                state["tile"] = tile
-                _run_tile(run, ctx, x, tile, p.chunks, lambda y: None)
-                bar.update(len(p.chunks))
-    finally:
-        for h in handles:
-            h.remove()
+    with _bar(cfg, len(p.tiles) * len(p.chunks), f"tiled {kind}: estimated GroupNorm statistics") as bar:
+        _statistics_pass(ctx, run, x, p, norms, pre_hook, state, bar)
     for m, stats in merged.items():
         _fix(m, stats)
 
