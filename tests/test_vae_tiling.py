@@ -238,7 +238,9 @@ def test_streamed_time_layers_equal_whole_clip():
 
     torch.manual_seed(0)
     conv = osp.nn.CausalConv3d(3, 4, 3, padding=1).double()
-    net = torch.nn.Sequential(conv, TimeUpsample2x(), TimeDownsample2x(), TimeUpsample2x()).to(DEVICE)
+    # the 1x1x1 conv after the downsampler meets chunks it had no finished frames for
+    net = torch.nn.Sequential(conv, TimeUpsample2x(), TimeDownsample2x(), osp.nn.CausalConv3d(4, 4, 1).double(),
+                              TimeUpsample2x()).to(DEVICE)
     x = torch.randn(1, 3, 11, 5, 6, dtype=torch.float64, device=DEVICE)
     with torch.no_grad():
         ref = net(x)
@@ -389,3 +391,18 @@ def test_enable_tiling_argument_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
         vae.enable_tiling(**kwargs)
     assert not vae.use_tiling
+
+
+def test_global_statistics_cost_one_pass_per_streamed_norm(monkeypatch):
+    """norm="global" runs the streamed part once per norm in it, plus the final pass: no more (the
+    head's norms, over all frames, stop each tile before the streamed part)."""
+    vae = tiny_vae()  # upstream's AttnBlock3D: the decoder's head (3 norms) runs over all frames
+    calls = []
+    tail = vae.decoder.tail
+    monkeypatch.setattr(vae.decoder, "tail", lambda h: calls.append(1) or tail(h))
+    n_tail = sum(isinstance(m, osp.nn.GroupNorm) for r in vae.decoder.tail_modules() for m in r.modules())
+    with torch.no_grad():
+        vae.enable_tiling(tile_sample_size=32, overlap=0.5, norm="global", progress=False)
+        vae.decode(latents(1, 4, 3, 8, 8))
+    p = tiling.plan(vae._tiling, (3, 8, 8), 8, 4, "decode")
+    assert len(calls) == (n_tail + 1) * len(p.tiles) * len(p.chunks)

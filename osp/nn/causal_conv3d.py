@@ -94,11 +94,12 @@ class CausalConv3d(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         history = None
         state = self.stream_state
+        if state is not None:
+            if x.shape[2] == 0:  # a chunk that an upstream layer had no finished frames for
+                return x.new_empty(output_shape(x.shape, self.conv.weight.shape, self.stride, self.padding))
         if state is not None and self.time_kernel_size > 1:
             if self.stride[0] != 1:
                 raise ValueError(f"CausalConv3d: streaming in time needs temporal stride 1, not {self.stride[0]}")
-            if x.shape[2] == 0:  # a chunk that an upstream layer had no finished frames for
-                return x.new_empty(output_shape(x.shape, self.conv.weight.shape, self.stride, self.padding))
             history = state.get("history")
             state["history"] = _next_history(history, x, self.time_kernel_size - 1)
         return ops.causal_conv3d(x, self.conv.weight, self.conv.bias, stride=self.stride, padding=self.padding,

@@ -37,9 +37,10 @@ class GroupNorm(nn.GroupNorm):
     plus ``act``: None or "silu", fused into the same kernel. Input (N, C, *spatial), 1 to 3
     spatial dims; output keeps its memory format. Routed through ``osp.ops.group_norm``.
 
-    ``fixed_stats``: None (normal behaviour), or (mean, rstd), each (N, G) float32, to normalize with
-    those statistics instead of the input's own (any float dtype; applied in fp32, float64 for float64 input) (set by tiled VAE inference, which normalizes every
-    tile with statistics of the whole input; see ``osp.models.vae.tiling``). Not saved in state dicts.
+    ``fixed_stats``: None (normal behaviour), or (mean, rstd), each (N, G) of any float dtype, to
+    normalize with those statistics instead of the input's own, applied in fp32 (float64 for float64
+    input). Set by tiled VAE inference, which normalizes every tile with statistics of the whole
+    input (``osp.models.vae.tiling``). Not saved in state dicts.
     """
 
     fixed_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None

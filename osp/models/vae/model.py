@@ -238,8 +238,9 @@ class CausalVideoVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
                 overlap (each carries the previous chunk's causal history); None: all frames at once.
             overlap: fraction of a tile that spatial neighbours share, in [0, 1) (upstream's
                 tile_overlap_factor); the spatial recomputation grows with it.
-            norm: GroupNorm statistics in "stream" mode: "global" (of the whole input, exact, one
-                pass per norm layer: slow, seam-free), "estimate" (one extra tiled pass that merges every
+            norm: GroupNorm statistics in "stream" mode: "global" (of the whole input, gathered
+                exactly, one pass per norm layer: slow, seam-free statistics; with it time chunks
+                are exact, spatial tiles still see zeros at their borders), "estimate" (one extra tiled pass that merges every
                 norm's statistics over the tiles: cheap, between "tile" and "global") or "tile" (each tile's own, as upstream). Default
                 "global" for "stream" and "tile" (the only choice) for "osp-v1.0".
             progress: tqdm progress bars over tiles: None shows them when stderr is a terminal.

@@ -354,7 +354,7 @@ def stream(cfg: TilingConfig, vae, kind: str, x: torch.Tensor, p: _Plan, out_sha
     else:
         e = vae.encoder
         run, streamed = functools.partial(_encode_tile, vae), e.head_modules() if _mixes_frames(e) else [e]
-    norms = _norms(vae)
+    norms = _norms(vae.decoder if kind == "decode" else vae.encoder)
     saved = [m.fixed_stats for m in norms]
     try:
         with torch.no_grad(), TimeStream(streamed) as ctx:
