@@ -469,14 +469,12 @@ def tiled_decode(vae, cfg: TilingConfig, z: torch.Tensor) -> Optional[torch.Tens
     def net(t):
         return vae.decoder(vae.post_quant_conv(t))
 
+    if not _latent_grid(cfg, s, tc, T, h, w):
+        return None
     if cfg.mode == "osp-v1.0":
-        if not _latent_grid(cfg, s, tc, T, h, w):
-            return None
         S, o = cfg.tile_sample_size, cfg.overlap
         extent = int(S * o)
         return upstream_tiled(cfg, net, z, S // s, int(S // s * (1 - o)), extent, S - extent, s, "decode")
-    if not _latent_grid(cfg, s, tc, T, h, w):
-        return None
     shape = (B, vae.config.out_channels, tc * (T - 1) + 1, h * s, w * s)
     return stream(cfg, vae, "decode", z, plan(cfg, (T, h, w), s, tc, "decode"), shape)
 
