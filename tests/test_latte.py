@@ -17,96 +17,7 @@ from parity import assert_parity  # noqa: E402
 import osp  # noqa: E402
 from osp.models import Latte, LatteClass, LatteT2V  # noqa: E402
 from osp.models.dit import LATTE_T2V_XL_122, PRESETS  # noqa: E402
-
-# spec/osp-v1.0-latte-t2v-state-dict-2-layers.txt verbatim: upstream's keys and shapes, 2 layers.
-SPEC_KEYS = """
-scale_shift_table (2, 1152)
-pos_embed.proj.weight (1152, 4, 2, 2)
-pos_embed.proj.bias (1152,)
-transformer_blocks.0.scale_shift_table (6, 1152)
-transformer_blocks.0.attn1.to_q.weight (1152, 1152)
-transformer_blocks.0.attn1.to_q.bias (1152,)
-transformer_blocks.0.attn1.to_k.weight (1152, 1152)
-transformer_blocks.0.attn1.to_k.bias (1152,)
-transformer_blocks.0.attn1.to_v.weight (1152, 1152)
-transformer_blocks.0.attn1.to_v.bias (1152,)
-transformer_blocks.0.attn1.to_out.0.weight (1152, 1152)
-transformer_blocks.0.attn1.to_out.0.bias (1152,)
-transformer_blocks.0.attn2.to_q.weight (1152, 1152)
-transformer_blocks.0.attn2.to_q.bias (1152,)
-transformer_blocks.0.attn2.to_k.weight (1152, 1152)
-transformer_blocks.0.attn2.to_k.bias (1152,)
-transformer_blocks.0.attn2.to_v.weight (1152, 1152)
-transformer_blocks.0.attn2.to_v.bias (1152,)
-transformer_blocks.0.attn2.to_out.0.weight (1152, 1152)
-transformer_blocks.0.attn2.to_out.0.bias (1152,)
-transformer_blocks.0.ff.net.0.proj.weight (4608, 1152)
-transformer_blocks.0.ff.net.0.proj.bias (4608,)
-transformer_blocks.0.ff.net.2.weight (1152, 4608)
-transformer_blocks.0.ff.net.2.bias (1152,)
-transformer_blocks.1.scale_shift_table (6, 1152)
-transformer_blocks.1.attn1.to_q.weight (1152, 1152)
-transformer_blocks.1.attn1.to_q.bias (1152,)
-transformer_blocks.1.attn1.to_k.weight (1152, 1152)
-transformer_blocks.1.attn1.to_k.bias (1152,)
-transformer_blocks.1.attn1.to_v.weight (1152, 1152)
-transformer_blocks.1.attn1.to_v.bias (1152,)
-transformer_blocks.1.attn1.to_out.0.weight (1152, 1152)
-transformer_blocks.1.attn1.to_out.0.bias (1152,)
-transformer_blocks.1.attn2.to_q.weight (1152, 1152)
-transformer_blocks.1.attn2.to_q.bias (1152,)
-transformer_blocks.1.attn2.to_k.weight (1152, 1152)
-transformer_blocks.1.attn2.to_k.bias (1152,)
-transformer_blocks.1.attn2.to_v.weight (1152, 1152)
-transformer_blocks.1.attn2.to_v.bias (1152,)
-transformer_blocks.1.attn2.to_out.0.weight (1152, 1152)
-transformer_blocks.1.attn2.to_out.0.bias (1152,)
-transformer_blocks.1.ff.net.0.proj.weight (4608, 1152)
-transformer_blocks.1.ff.net.0.proj.bias (4608,)
-transformer_blocks.1.ff.net.2.weight (1152, 4608)
-transformer_blocks.1.ff.net.2.bias (1152,)
-temporal_transformer_blocks.0.scale_shift_table (6, 1152)
-temporal_transformer_blocks.0.attn1.to_q.weight (1152, 1152)
-temporal_transformer_blocks.0.attn1.to_q.bias (1152,)
-temporal_transformer_blocks.0.attn1.to_k.weight (1152, 1152)
-temporal_transformer_blocks.0.attn1.to_k.bias (1152,)
-temporal_transformer_blocks.0.attn1.to_v.weight (1152, 1152)
-temporal_transformer_blocks.0.attn1.to_v.bias (1152,)
-temporal_transformer_blocks.0.attn1.to_out.0.weight (1152, 1152)
-temporal_transformer_blocks.0.attn1.to_out.0.bias (1152,)
-temporal_transformer_blocks.0.ff.net.0.proj.weight (4608, 1152)
-temporal_transformer_blocks.0.ff.net.0.proj.bias (4608,)
-temporal_transformer_blocks.0.ff.net.2.weight (1152, 4608)
-temporal_transformer_blocks.0.ff.net.2.bias (1152,)
-temporal_transformer_blocks.1.scale_shift_table (6, 1152)
-temporal_transformer_blocks.1.attn1.to_q.weight (1152, 1152)
-temporal_transformer_blocks.1.attn1.to_q.bias (1152,)
-temporal_transformer_blocks.1.attn1.to_k.weight (1152, 1152)
-temporal_transformer_blocks.1.attn1.to_k.bias (1152,)
-temporal_transformer_blocks.1.attn1.to_v.weight (1152, 1152)
-temporal_transformer_blocks.1.attn1.to_v.bias (1152,)
-temporal_transformer_blocks.1.attn1.to_out.0.weight (1152, 1152)
-temporal_transformer_blocks.1.attn1.to_out.0.bias (1152,)
-temporal_transformer_blocks.1.ff.net.0.proj.weight (4608, 1152)
-temporal_transformer_blocks.1.ff.net.0.proj.bias (4608,)
-temporal_transformer_blocks.1.ff.net.2.weight (1152, 4608)
-temporal_transformer_blocks.1.ff.net.2.bias (1152,)
-proj_out.weight (32, 1152)
-proj_out.bias (32,)
-adaln_single.emb.timestep_embedder.linear_1.weight (1152, 256)
-adaln_single.emb.timestep_embedder.linear_1.bias (1152,)
-adaln_single.emb.timestep_embedder.linear_2.weight (1152, 1152)
-adaln_single.emb.timestep_embedder.linear_2.bias (1152,)
-adaln_single.linear.weight (6912, 1152)
-adaln_single.linear.bias (6912,)
-caption_projection.y_embedding (120, 4096)
-caption_projection.linear_1.weight (1152, 4096)
-caption_projection.linear_1.bias (1152,)
-caption_projection.linear_2.weight (1152, 1152)
-caption_projection.linear_2.bias (1152,)
-"""
-SPEC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "shared", "spec",
-                         "osp-v1.0-latte-t2v-state-dict-2-layers.txt")
+from spec_data import LATTE_T2V_2_LAYER_KEYS  # noqa: E402
 
 # A tiny LatteT2V: 2 layers, 2 heads x 16, latent 8x8, 5 frames, 24-channel captions.
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
@@ -249,24 +160,12 @@ def reference(sd, cfg, x, t, ehs, mask, use_image_num=0, dtype=torch.float64, te
 
 # --- structure --------------------------------------------------------------------------------------
 
-def _spec_keys():
-    rows = [line.rsplit(" (", 1) for line in SPEC_KEYS.strip().splitlines()]
-    return [(k, tuple(int(s) for s in shape.rstrip(")").split(",") if s.strip())) for k, shape in rows]
-
-
-def test_embedded_key_list_is_the_spec_file():
-    if not os.path.exists(SPEC_FILE):
-        pytest.skip("the shared spec folder is not beside this checkout")
-    with open(SPEC_FILE) as f:
-        assert f.read().strip() == SPEC_KEYS.strip()
-
-
 def test_state_dict_matches_upstream_key_list():
     with torch.device("meta"):
         model = LatteT2V.from_preset("LatteT2V-XL/122", num_layers=2)
     assert model.proj_out.weight.device.type == "meta"  # no memory, no init
     got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    assert got == _spec_keys()  # names, shapes and order
+    assert got == LATTE_T2V_2_LAYER_KEYS  # names, shapes and order
     # y_embedding is a persistent buffer, not a parameter; the sin-cos tables are not saved.
     assert "caption_projection.y_embedding" not in dict(model.named_parameters())
     buffers = dict(model.named_buffers())
@@ -315,7 +214,7 @@ CASES = {
 
 def _run(model, x, t, ehs, mask, **kw):
     with torch.no_grad():
-        return model(x, t, ehs, mask, **kw).sample
+        return model(x, t, ehs, encoder_attention_mask=mask, **kw).sample
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
@@ -356,7 +255,7 @@ def _check_grads(model, x, t, ehs, mask, g, device="cpu"):
     grads = _reference_grads(model, x, t, ehs, mask, g)
     model = model.to(device)
     xo = x.to(device).requires_grad_()
-    out = model(xo, t.to(device), ehs.to(device), mask.to(device)).sample
+    out = model(xo, t.to(device), ehs.to(device), encoder_attention_mask=mask.to(device)).sample
     (out * g.to(device)).sum().backward()
     ours = {k: p.grad.cpu() for k, p in model.named_parameters()}
     ours["x"] = xo.grad.cpu()
@@ -442,7 +341,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             model.enable_gradient_checkpointing()
             assert model.is_gradient_checkpointing
         with osp.ops.use_backend("torch"):
-            model(x, t, ehs, mask, use_image_num=1).sample.square().mean().backward()
+            model(x, t, ehs, encoder_attention_mask=mask, use_image_num=1).sample.square().mean().backward()
         grads.append({k: p.grad for k, p in model.named_parameters()})
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-6, atol=1e-7, msg=k)
@@ -557,15 +456,15 @@ def test_bad_arguments_raise_value_errors(bad, match):
     kw = {**dict(x=x, t=t, ehs=ehs, mask=mask), **bad}
     extra = {k: kw.pop(k) for k in ("use_image_num", "attention_mask") if k in kw}
     with pytest.raises(ValueError, match=match):
-        model(kw["x"], kw["t"], kw["ehs"], kw["mask"], **extra)
+        model(kw["x"], kw["t"], kw["ehs"], encoder_attention_mask=kw["mask"], **extra)
 
 
 def test_return_dict_false_and_scalar_timestep():
     model = tiny()
     x, _, ehs, mask = inputs()
     with osp.ops.use_backend("torch"), torch.no_grad():
-        (a,) = model(x, 500, ehs, mask, return_dict=False)
-        b = model(x, torch.tensor([500, 500]), ehs, mask).sample
+        (a,) = model(x, 500, ehs, encoder_attention_mask=mask, return_dict=False)
+        b = model(x, torch.tensor([500, 500]), ehs, encoder_attention_mask=mask).sample
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -229,5 +229,5 @@ def test_tiny_encoder_feeds_latte():
     model = LatteT2V(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
                      cross_attention_dim=32, sample_size=8, caption_channels=24, video_length=5).eval()
     with osp.ops.use_backend("torch"), torch.no_grad():
-        out = model(torch.randn(2, 4, 5, 8, 8), torch.tensor([1, 2]), states, mask).sample
+        out = model(torch.randn(2, 4, 5, 8, 8), torch.tensor([1, 2]), states, encoder_attention_mask=mask).sample
     assert out.shape == (2, 8, 5, 8, 8) and torch.isfinite(out).all()

@@ -31,7 +31,7 @@ import osp  # noqa: E402
 from osp.models import CausalVideoVAE  # noqa: E402
 from osp.models.vae import tiling  # noqa: E402
 from osp.models.vae.blocks import ResnetBlock3D  # noqa: E402
-from test_vae import clip, tiny_config, tiny_vae  # noqa: E402
+from vae_helpers import clip, tiny_config, tiny_vae  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

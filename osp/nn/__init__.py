@@ -1,5 +1,6 @@
-"""Modules built on osp.ops."""
+"""Modules built on osp.ops: the layer every model is made of."""
+from .attention import AttnBlock3D, Attention, CaptionSegment
 from .causal_conv3d import CausalConv3d
 from .group_norm import GroupNorm
 
-__all__ = ["CausalConv3d", "GroupNorm"]
+__all__ = ["Attention", "AttnBlock3D", "CaptionSegment", "CausalConv3d", "GroupNorm"]

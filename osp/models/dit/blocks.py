@@ -7,13 +7,12 @@ token position, no cross-attention). Its modulation comes either from adaLN-sing
 (the block's own ``adaLN_modulation`` linear over the conditioning vector, as in DiT).
 
 Every norm and modulation runs through ``osp.ops.layer_norm_modulate``, every gated residual
-through ``osp.ops.gated_residual`` and every attention through ``osp.ops.attention``. Parameter
+through ``osp.ops.gated_residual`` and every attention through ``osp.nn.Attention``. Parameter
 names follow upstream's state dict (``attn1.to_q``, ``attn2.to_out.0``, ``ff.net.0.proj``,
 ``ff.net.2``); the parameter-free LayerNorms (norm1, norm2, norm3) hold no keys and are not modules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -21,87 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
+from ...nn import Attention, CaptionSegment
 
 MODULATIONS = ("ada_norm_single", "ada_norm_zero")
-
-
-@dataclass
-class CaptionSegment:
-    """Captions that frames ``start:stop`` of every sample cross-attend to.
-
-    ``context`` is (b * k, Lc, D), projected caption tokens, with k = 1 (every frame of the segment
-    attends to its sample's one caption: the video frames) or k = stop - start (one caption per
-    frame: the images of joint image-video training). ``keep`` (b * k, Lc) bool marks the keys to
-    attend to (None: all).
-    """
-
-    start: int
-    stop: int
-    context: torch.Tensor
-    keep: Optional[torch.Tensor] = None
-
-
-def _merge(t: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, Dh) -> (B, L, H*Dh)."""
-    B, H, L, Dh = t.shape
-    return t.transpose(1, 2).reshape(B, L, H * Dh)
-
-
-class Attention(nn.Module):
-    """Multi-head attention with upstream's names: ``to_q``, ``to_k``, ``to_v``, ``to_out.0``.
-
-    Heads are contiguous slices of the width; scores are scaled by 1/sqrt(head_dim); no residual,
-    no norm. The projections of q, k, v (or k, v) run as one matmul over the concatenated weights.
-    """
-
-    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool = True, dropout: float = 0.0,
-                 context_dim: Optional[int] = None):
-        super().__init__()
-        inner = heads * head_dim
-        self.heads, self.head_dim = heads, head_dim
-        self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim or dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim or dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True), nn.Dropout(dropout)])
-
-    @staticmethod
-    def _fused(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:
-        weight = torch.cat([layer.weight for layer in layers])
-        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-        return F.linear(x, weight, bias)
-
-    def _out(self, o: torch.Tensor) -> torch.Tensor:
-        return self.to_out[1](self.to_out[0](o))
-
-    def self_attention(self, h: torch.Tensor) -> torch.Tensor:
-        """h (N, L, D) -> (N, L, D): each of the N sequences attends over its own L tokens."""
-        N, L, _ = h.shape
-        qkv = self._fused(h, (self.to_q, self.to_k, self.to_v)).view(N, L, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return self._out(_merge(ops.attention(q, k, v)))
-
-    def cross_attention(self, x: torch.Tensor, frames: int, segments: Sequence[CaptionSegment]) -> torch.Tensor:
-        """x (b * frames, T, D) frame tokens -> (b * frames, T, D) attended to their captions.
-
-        Queries of all frames that share one caption form one sequence against it, so caption keys
-        and values are projected once per caption rather than once per frame; per query this is the
-        same softmax over the same keys as upstream's per-frame attention.
-        """
-        N, T, _ = x.shape
-        b = N // frames
-        q = self.to_q(x).view(b, frames, T, self.heads, self.head_dim)
-        outs = []
-        for seg in segments:
-            k_rows = seg.context.shape[0] // b
-            n = seg.stop - seg.start
-            qs = q[:, seg.start:seg.stop].reshape(b * k_rows, (n // k_rows) * T, self.heads, self.head_dim)
-            Lc = seg.context.shape[1]
-            kv = self._fused(seg.context, (self.to_k, self.to_v)).view(-1, Lc, 2, self.heads, self.head_dim)
-            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-            o = ops.attention(qs.transpose(1, 2), k, v, key_padding_mask=seg.keep)
-            outs.append(_merge(o).view(b, n, T, -1))
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return self._out(o.reshape(N, T, -1))
 
 
 class _GELUProj(nn.Module):

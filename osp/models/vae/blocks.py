@@ -12,14 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ... import ops
 from ...nn import CausalConv3d, GroupNorm
 
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
-# Attention scores a math-fallback SDPA call may hold at once (elements), so that a 1024x1024
-# clip's mid-block attention does not need tens of GB where no fused kernel runs.
-_ATTN_SCORES_BUDGET = 1 << 28
 
 
 def normalize(channels: int, act: Optional[str] = None) -> GroupNorm:
@@ -167,64 +163,3 @@ class TimeUpsample2x(nn.Module):
         if not parts:
             return x
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-
-def _attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(E)) v for (B, G, L, E) inputs through ``osp.ops.attention``, in chunks of
-    G so that a backend that materializes the scores (the torch math fallback, which is what runs
-    for E = 512 where no fused kernel does) never holds more than _ATTN_SCORES_BUDGET of them."""
-    B, G, L, _ = q.shape
-    step = max(1, _ATTN_SCORES_BUDGET // max(1, B * L * L))
-    if step >= G:
-        return ops.attention(q, k, v)
-    return torch.cat([ops.attention(q[:, g:g + step], k[:, g:g + step], v[:, g:g + step]) for g in range(0, G, step)],
-                     dim=1)
-
-
-class AttnBlock3D(nn.Module):
-    """Single-head self-attention over the H*W positions, scale 1/sqrt(C), with a residual.
-
-    ``norm`` (GroupNorm), then ``q``, ``k``, ``v`` (1x1x1 convs, computed as one fused conv), attention
-    (``osp.ops.attention``, one head of C features), ``proj_out`` (1x1x1) with the input added. Two
-    behaviours, selected by ``per_frame``:
-
-    - ``per_frame=False`` (upstream's "AttnBlock3D", which the v1.0 weights were trained with): each
-      sample's contiguous (C, T, H, W) q/k/v memory is reinterpreted, with no permute, as T groups of
-      (C, H*W); group g holds rows c*T + t in [g*C, (g+1)*C) of the (C*T, H*W) matrix, so for T > 1
-      a group mixes channels of several frames. The result is written back the same way.
-    - ``per_frame=True`` ("AttnBlock3DFix"): attention within each frame over its H*W positions
-      with the C channels as features.
-
-    For T = 1 both are the Stable Diffusion VAE's attention block.
-    """
-
-    def __init__(self, channels: int, per_frame: bool = True):
-        super().__init__()
-        self.channels = channels
-        self.per_frame = per_frame
-        self.norm = normalize(channels)
-        self.q = CausalConv3d(channels, channels, 1)
-        self.k = CausalConv3d(channels, channels, 1)
-        self.v = CausalConv3d(channels, channels, 1)
-        self.proj_out = CausalConv3d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        weight = torch.cat([self.q.conv.weight, self.k.conv.weight, self.v.conv.weight])
-        bias = torch.cat([self.q.conv.bias, self.k.conv.bias, self.v.conv.bias])
-        qkv = ops.causal_conv3d(self.norm(x), weight, bias).contiguous()
-        # Each chunk is one dense (C, T, H, W) block per sample, so the views below copy nothing.
-        if self.per_frame:
-            q, k, v = (y.permute(0, 2, 3, 4, 1).reshape(b, t, h * w, c) for y in qkv.chunk(3, dim=1))
-            out = _attention_chunked(q, k, v)  # (b, t, hw, c)
-            del q, k, v, qkv
-            out = out.permute(0, 3, 1, 2).reshape(b, c, t, h, w).contiguous()
-        else:
-            q, k, v = (y.reshape(b, t, c, h * w).transpose(-1, -2) for y in qkv.chunk(3, dim=1))
-            out = _attention_chunked(q, k, v)  # (b, t, hw, c): group t, position, pseudo-channel
-            del q, k, v, qkv
-            out = out.transpose(-1, -2).reshape(b, c, t, h, w)
-        return self.proj_out(out, residual=x)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, per_frame={self.per_frame}"

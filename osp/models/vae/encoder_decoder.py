@@ -7,12 +7,11 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Sequence
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
-from ...nn import CausalConv3d
+from ...nn import AttnBlock3D, CausalConv3d
+from ..modeling import Checkpointed
 from .blocks import (
-    AttnBlock3D,
     ResnetBlock3D,
     SpatialDownsample2x,
     SpatialUpsample2x,
@@ -53,19 +52,10 @@ def check_levels(field: str, names: Sequence, levels: int, allowed, optional: bo
         check_name(f"{field}[{i}]", name, allowed, optional)
 
 
-class _Checkpointed(nn.Module):
-    """Runs its blocks under activation checkpointing when ``gradient_checkpointing`` is set (by
-    ``CausalVideoVAE.enable_gradient_checkpointing()``) and gradients are on."""
-
-    gradient_checkpointing = False
-
-    def _run(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            func = getattr(self, "_gradient_checkpointing_func", None)
-            if func is not None:
-                return func(module, h)
-            return torch.utils.checkpoint.checkpoint(module, h, use_reentrant=False)
-        return module(h)
+def _conv_reach(module: nn.Module) -> int:
+    """Spatial pixels one output pixel of ``module`` reaches beyond itself on each side, through the
+    convs inside it (its attention blocks, which see a whole frame, are not counted)."""
+    return sum(m.kernel_size[1] // 2 for m in module.modules() if isinstance(m, CausalConv3d))
 
 
 class _MidBlock(nn.Module):
@@ -76,7 +66,7 @@ class _MidBlock(nn.Module):
         self.block_2 = RESNET_BLOCKS[resnet](channels, channels, dropout=dropout)
 
 
-class Encoder(_Checkpointed):
+class Encoder(Checkpointed):
     """(B, in_channels, T, H, W) -> moments (B, 2*z_channels if double_z else z_channels, T', H/s, W/s).
 
     Keys: ``conv_in``, ``down.i.block.j``, ``down.i.attn.j`` (only at attn_resolutions),
@@ -121,26 +111,39 @@ class Encoder(_Checkpointed):
         h = self.conv_in(x)
         for level in self.down:
             for j, block in enumerate(level.block):
-                h = self._run(block, h)
+                h = self.checkpointed(block, h)
                 if len(level.attn):
-                    h = self._run(level.attn[j], h)
+                    h = self.checkpointed(level.attn[j], h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
             if hasattr(level, "time_downsample"):
                 h = level.time_downsample(h)
-        return self._run(self.mid.block_1, h)
+        return self.checkpointed(self.mid.block_1, h)
+
+    def spatial_reach(self) -> float:
+        """How far (in output latent pixels, each side) one latent's value reaches into the input
+        through the convs: the spatial receptive radius, not counting the attention."""
+        scale = 1  # input pixels per pixel of the current level
+        reach = _conv_reach(self.conv_in)
+        for level in self.down:
+            reach += sum(_conv_reach(b) for b in level.block) * scale
+            if hasattr(level, "downsample"):
+                reach += _conv_reach(level.downsample) * scale
+                scale *= 2
+        reach += (_conv_reach(self.mid) + _conv_reach(self.conv_out)) * scale
+        return reach / scale
 
     def head_modules(self) -> List[nn.Module]:
         return [self.conv_in, self.down, self.mid.block_1]
 
     def tail(self, h: torch.Tensor) -> torch.Tensor:
         """The mid-block attention onwards (at latent resolution)."""
-        h = self._run(self.mid.attn_1, h)
-        h = self._run(self.mid.block_2, h)
+        h = self.checkpointed(self.mid.attn_1, h)
+        h = self.checkpointed(self.mid.block_2, h)
         return self.conv_out(self.norm_out(h))
 
 
-class Decoder(_Checkpointed):
+class Decoder(Checkpointed):
     """latent (B, z_channels, T', h, w) -> (B, out_channels, T, H, W).
 
     Keys: ``conv_in``, ``mid.*``, ``up.i.block.j`` (num_res_blocks + 1 per level), ``up.i.attn.j``,
@@ -184,20 +187,32 @@ class Decoder(_Checkpointed):
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """conv_in, mid.block_1 and the mid-block attention (at latent resolution)."""
         h = self.conv_in(z)
-        h = self._run(self.mid.block_1, h)
-        return self._run(self.mid.attn_1, h)
+        h = self.checkpointed(self.mid.block_1, h)
+        return self.checkpointed(self.mid.attn_1, h)
+
+    def spatial_reach(self) -> float:
+        """How far (in input latent pixels, each side) one output pixel's value reaches through the
+        convs: the spatial receptive radius, not counting the attention."""
+        scale = 1.0  # latent pixels per pixel of the current level
+        reach = float(_conv_reach(self.conv_in) + _conv_reach(self.mid))
+        for level in reversed(self.up):
+            reach += sum(_conv_reach(b) for b in level.block) * scale
+            if hasattr(level, "upsample"):
+                scale /= 2
+                reach += _conv_reach(level.upsample) * scale
+        return reach + _conv_reach(self.conv_out) * scale
 
     def tail_modules(self) -> List[nn.Module]:
         return [self.mid.block_2, self.up, self.norm_out, self.conv_out]
 
     def tail(self, h: torch.Tensor) -> torch.Tensor:
         """mid.block_2 onwards: the levels up to full resolution."""
-        h = self._run(self.mid.block_2, h)
+        h = self.checkpointed(self.mid.block_2, h)
         for level in reversed(self.up):
             for j, block in enumerate(level.block):
-                h = self._run(block, h)
+                h = self.checkpointed(block, h)
                 if len(level.attn):
-                    h = self._run(level.attn[j], h)
+                    h = self.checkpointed(level.attn[j], h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
             if hasattr(level, "time_upsample"):

@@ -15,7 +15,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...nn import CausalConv3d
-from ..loading import StrictLoadingMixin
+from ..modeling import OspModelMixin
 from . import tiling
 from .blocks import NORM_GROUPS
 from .distribution import DiagonalGaussianDistribution
@@ -36,8 +36,24 @@ from .encoder_decoder import (
 # Fields of upstream's config that configure its training loss / optimizer, not the autoencoder.
 TRAINING_ONLY_FIELDS = ("loss_type", "loss_params", "lr")
 
+# Upstream CausalVAEModel's constructor defaults (v1.0.0; numerics spec B.7): what a field missing
+# from an upstream config.json (``_class_name`` "CausalVAEModel") means. osp's own defaults differ
+# where osp chose better ones for new models (per-frame attention, the release temporal layout).
+UPSTREAM_DEFAULTS = dict(
+    hidden_size=128, z_channels=4, hidden_size_mult=(1, 2, 4, 4), attn_resolutions=(), dropout=0.0,
+    resolution=256, double_z=True, embed_dim=4, num_res_blocks=2, q_conv="CausalConv3d",
+    encoder_conv_in="CausalConv3d", encoder_conv_out="CausalConv3d", encoder_attention="AttnBlock3D",
+    encoder_resnet_blocks=("ResnetBlock3D",) * 4,
+    encoder_spatial_downsample=("SpatialDownsample2x",) * 3 + ("",),
+    encoder_temporal_downsample=("", "TimeDownsample2x", "TimeDownsample2x", ""),
+    encoder_mid_resnet="ResnetBlock3D", decoder_conv_in="CausalConv3d", decoder_conv_out="CausalConv3d",
+    decoder_attention="AttnBlock3D", decoder_resnet_blocks=("ResnetBlock3D",) * 4,
+    decoder_spatial_upsample=("",) + ("SpatialUpsample2x",) * 3,
+    decoder_temporal_upsample=("", "", "TimeUpsample2x", "TimeUpsample2x"), decoder_mid_resnet="ResnetBlock3D",
+)
 
-class CausalVideoVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
+
+class CausalVideoVAE(OspModelMixin, ModelMixin, ConfigMixin):
     r"""Causal video VAE of Open-Sora-Plan v1.0 (numerics spec B).
 
     A Stable-Diffusion-style KL autoencoder in which every conv is a causal 3-D conv (frame 0
@@ -64,6 +80,7 @@ class CausalVideoVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
     # Upstream's class name in its config.json (osp's own saves say "CausalVideoVAE"). Upstream builds
     # its training loss (LPIPS + discriminator) inside the model: its checkpoints carry loss.* keys.
     UPSTREAM_CLASS_NAMES = ("CausalVAEModel",)
+    UPSTREAM_DEFAULTS = UPSTREAM_DEFAULTS
     IGNORED_KEY_PREFIXES = ("loss.",)
 
     _supports_gradient_checkpointing = True
@@ -193,11 +210,14 @@ class CausalVideoVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
         spatial_compression (8), else ValueError; with ``pad=True`` the clip is padded instead (see
         ``pad_clip``) and the latents describe the padded clip.
 
+        The clip is cast to the model's dtype, in which the posterior comes back.
+
         Returns ``AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution)`` over latents
         (B, embed_dim, 1 + k, H/8, W/8), or ``(latent_dist,)`` when return_dict is False. Unscaled:
         multiply samples by ``config.scaling_factor`` for the diffusion model.
         """
         self._check_clip(x, pad)
+        x = x.to(self.dtype)  # models compute in their parameters' dtype (osp.models.modeling)
         if pad:
             x = self.pad_clip(x)
         moments = tiling.tiled_encode(self, self._tiling, x) if self._tiling is not None else None
@@ -208,12 +228,13 @@ class CausalVideoVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
         """Decode raw (unscaled) latents z (B, embed_dim, T', h, w) into a clip
-        (B, out_channels, 1 + (T'-1)*temporal factor, h*8, w*8). Returns ``DecoderOutput(sample=...)``
-        or ``(sample,)`` when return_dict is False."""
+        (B, out_channels, 1 + (T'-1)*temporal factor, h*8, w*8) in the model's dtype. Returns
+        ``DecoderOutput(sample=...)`` or ``(sample,)`` when return_dict is False."""
         E = self.config.embed_dim
         if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != E:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"CausalVideoVAE.decode: z has shape {shape}; expected (B, {E}, T', h, w)")
+        z = z.to(self.dtype)
         dec = tiling.tiled_decode(self, self._tiling, z) if self._tiling is not None else None
         if dec is None:
             dec = self.decoder(self.post_quant_conv(z))
@@ -238,12 +259,15 @@ class CausalVideoVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
                 overlap (each carries the previous chunk's causal history); None: all frames at once.
             overlap: fraction of a tile that spatial neighbours share, in [0, 1) (upstream's
                 tile_overlap_factor); the spatial recomputation grows with it.
-            norm: GroupNorm statistics in "stream" mode: "global" (of the whole input, gathered
-                exactly, one pass per norm layer: slow, seam-free statistics; with it time chunks
-                are exact, spatial tiles still see zeros at their borders), "estimate" (one extra tiled pass that merges every
-                norm's statistics over the tiles: cheap, between "tile" and "global") or "tile" (each tile's own, as upstream). Default
-                "global" for "stream" and "tile" (the only choice) for "osp-v1.0".
-            progress: tqdm progress bars over tiles: None shows them when stderr is a terminal.
+            norm: GroupNorm statistics in "stream" mode: "tile" (the default: each tile's own, as
+                upstream; the fastest), "estimate" (one extra tiled pass that merges every norm's
+                statistics over the tiles: closer to the untiled statistics, about 2x the time) or
+                "global" (of the whole input, gathered exactly, one pass per norm layer: about n/2 + 1
+                tiled decodes for n norms, so many times slower; with it time chunks are exact,
+                spatial tiles still see zeros at their borders). "osp-v1.0" takes "tile" only.
+                A tile smaller than the VAE's spatial receptive radius gets a warning naming its size.
+            progress: tqdm progress bars over tiles: None shows them when stderr is a terminal and
+                otherwise logs progress lines (INFO, logger ``osp.models.vae.tiling``); False: silent.
         """
         self._tiling = tiling.make_config(self, mode=mode, tile_sample_size=tile_sample_size,
                                           tile_frames=tile_frames, overlap=overlap, norm=norm, progress=progress)
@@ -269,11 +293,6 @@ class CausalVideoVAE(StrictLoadingMixin, ModelMixin, ConfigMixin):
             T, H, W = sample.shape[2:]
             dec = dec[:, :, :T, :H, :W]
         return DecoderOutput(sample=dec) if return_dict else (dec,)
-
-    def to(self, *args, **kwargs):
-        # diffusers' ModelMixin.to warns about fp32-pinned modules on every dtype cast even when
-        # there are none; this model has none and needs nothing beyond nn.Module.to.
-        return torch.nn.Module.to(self, *args, **kwargs)
 
     # --- configs and checkpoints -----------------------------------------------------------------
 

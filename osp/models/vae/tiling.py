@@ -55,7 +55,11 @@ Tiled calls run under ``torch.no_grad()`` (inference only).
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import sys
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -65,6 +69,8 @@ from torch import nn
 from ... import ops
 from ...nn.causal_conv3d import CausalConv3d
 from ...nn.group_norm import GroupNorm
+
+logger = logging.getLogger(__name__)
 
 MODES = ("stream", "osp-v1.0")
 NORMS = ("global", "estimate", "tile")
@@ -76,7 +82,7 @@ class TilingConfig:
     tile_sample_size: int = 256
     tile_frames: Optional[int] = None
     overlap: float = 0.25
-    norm: str = "global"
+    norm: str = "tile"
     progress: Optional[bool] = None
 
 
@@ -93,12 +99,19 @@ def make_config(vae, mode="stream", tile_sample_size=256, tile_frames=None, over
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
         raise ValueError(f"enable_tiling: overlap={overlap!r}; expected a number in [0, 1)")
     if norm is None:
-        norm = "global" if mode == "stream" else "tile"
+        norm = "tile"
     if norm not in NORMS:
         raise ValueError(f"enable_tiling: norm={norm!r}; expected one of {NORMS}")
     if progress is not None and not isinstance(progress, bool):
         raise ValueError(f"enable_tiling: progress={progress!r}; expected None (when stderr is a tty), True or False")
     L = tile_sample_size // s
+    reach = max(vae.encoder.spatial_reach(), vae.decoder.spatial_reach())
+    if L < reach:
+        warnings.warn(
+            f"enable_tiling: tile_sample_size={tile_sample_size} gives tiles of {L} latents, less than this VAE's "
+            f"spatial receptive radius of {reach:.1f} latents: every pixel of a tile sees the tile's zero-padded "
+            f"border, so seams grow and many small tiles cost time; expected tile_sample_size >= "
+            f"{s * math.ceil(reach)}", stacklevel=3)
     if mode == "osp-v1.0":
         if tile_frames is not None:
             raise ValueError(f"enable_tiling: tile_frames={tile_frames!r} with mode='osp-v1.0', which tiles space "
@@ -334,10 +347,39 @@ def _owned_crop(x: torch.Tensor, tile: _Tile) -> torch.Tensor:
 # --- the stream runner --------------------------------------------------------------------------------
 
 
+class _LoggedProgress:
+    """Progress of long tiled work through ``logging`` (INFO on ``osp.models.vae.tiling``) when no
+    bar is shown: at most one line every ``every`` seconds, and one at the end."""
+
+    def __init__(self, total: int, desc: str, every: float = 10.0):
+        self.total, self.desc, self.every, self.n = total, desc, every, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if self.n >= self.total or now - self.last >= self.every:
+            self.last = now
+            logger.info("%s: %d/%d tile steps, %.0f s", self.desc, self.n, self.total, now - self.start)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _bar(cfg: TilingConfig, total: int, desc: str):
+    """A tqdm bar (``progress`` True, or None on a terminal), else progress lines on the logger
+    (``progress`` None without a terminal), else nothing (``progress`` False)."""
     from tqdm.auto import tqdm
 
     show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and total > 1)
+    if not show and cfg.progress is None and total > 1:
+        return _LoggedProgress(total, desc)
     return tqdm(total=total, desc=desc, disable=not show, leave=False)
 
 

@@ -1,13 +1,23 @@
-"""Strict checkpoint loading shared by osp's models: diffusers directories, single weight files,
-Lightning ``.ckpt`` files and Hub repos, where every missing, unexpected or mis-shaped key is an
-error naming it. ``StrictLoadingMixin`` gives a model its ``from_pretrained``."""
+"""What osp's models share (``OspModelMixin``): strict checkpoint loading (diffusers directories,
+single weight files, Lightning ``.ckpt`` files and Hub repos, where every missing, unexpected or
+mis-shaped key is an error naming it), upstream configs with missing fields, dtype and device moves,
+and gradient-checkpointed calls (``Checkpointed``).
+
+The dtype rule: a model computes in its parameters' dtype (diffusers' convention). Inputs are cast
+to it on entry and outputs come back in it; under ``torch.autocast`` the ops follow autocast as
+their torch counterparts do.
+"""
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+import socket
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
+from urllib.parse import urlparse
 
 import torch
+import torch.utils.checkpoint
+from torch import nn
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -20,11 +30,23 @@ def read_weights(path: str, weights_only: bool = True) -> Dict[str, torch.Tensor
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:  # SafetensorError, or an OSError on a short read
+            raise ValueError(f"weights file {path!r} is incomplete or corrupt ({exc}); expected a whole "
+                             ".safetensors file: download or copy it again") from exc
     if not path.endswith(TORCH_SUFFIXES):
         raise ValueError(f"cannot read weights from {path!r}: expected a .safetensors, .ckpt, .bin, .pt or .pth file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, EOFError, OSError) as exc:  # zip reader failures of a cut or damaged file
+        if "Weights only load failed" not in str(exc):
+            raise ValueError(f"weights file {path!r} is incomplete or corrupt ({exc}); expected a whole torch "
+                             "checkpoint: download or copy it again") from exc
+        raise ValueError(
+            f"{path!r} could not be read with torch.load(weights_only=True) ({exc}); if you trust the file, "
+            "pass weights_only=False"
+        ) from exc
     except Exception as exc:
         if weights_only:
             raise ValueError(
@@ -87,18 +109,43 @@ def locate(path, subfolder: Optional[str] = None, config=None, variant: Optional
                 )
             config = beside
         return read_config(config), local
+    looked = f"{local!r} (absolute: {os.path.abspath(local)!r})"
     if path.count("/") != 1 or path.startswith((".", "/", "~")):
-        raise ValueError(f"{local!r} does not exist (expected a model directory, a weights file or a hub repo id 'owner/name')")
-    return _from_hub(path, subfolder, config, names, **hub_kwargs)
+        raise ValueError(f"{looked} does not exist; expected a model directory, a weights file or a hub repo id "
+                         "'owner/name'")
+    return _from_hub(path, subfolder, config, names, looked, **hub_kwargs)
 
 
-def _from_hub(repo_id: str, subfolder, config, names, **hub_kwargs) -> Tuple[dict, str]:
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host accepts a TCP connection within ``timeout`` (an offline machine otherwise
+    waits through huggingface_hub's retries before failing)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_hub(repo_id: str, subfolder, config, names, looked: str, **hub_kwargs) -> Tuple[dict, str]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError
 
     kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    if config is None:
-        config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **kwargs)
+    if not kwargs.get("local_files_only") and not _hub_reachable():
+        kwargs["local_files_only"] = True  # the Hub cache may still hold it
+    try:
+        if config is None:
+            config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **kwargs)
+    except Exception as exc:
+        where = "the Hub is unreachable from here and its local cache lacks it" if kwargs.get("local_files_only") \
+            else f"the Hub answered: {type(exc).__name__}"
+        raise ValueError(f"{looked} is not a local folder or file, and {repo_id!r} could not be fetched as a hub "
+                         f"repo id ({where}); expected a model directory, a weights file or a reachable hub "
+                         "repo id") from exc
     for name in names:
         try:
             return read_config(config), hf_hub_download(repo_id, name, subfolder=subfolder, **kwargs)
@@ -138,17 +185,70 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     return sd
 
 
-class StrictLoadingMixin:
-    """``from_pretrained`` for a diffusers ModelMixin + ConfigMixin model (list it first among the
-    bases). Subclasses set ``UPSTREAM_CLASS_NAMES`` (config ``_class_name`` values accepted besides
-    their own), ``IGNORED_KEY_PREFIXES`` (training-only checkpoint keys to drop) and may override
-    ``_after_load`` (e.g. to rebuild non-persistent buffers on the meta-built model)."""
+class Checkpointed(nn.Module):
+    """A module that runs its blocks through ``checkpointed(block, *args)``: under activation
+    checkpointing when ``gradient_checkpointing`` is set (by the model's
+    ``enable_gradient_checkpointing``) and gradients are on, else directly."""
+
+    gradient_checkpointing = False
+    _gradient_checkpointing_func: Optional[Callable] = None
+
+    def checkpointed(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self._gradient_checkpointing_func is not None:
+                return self._gradient_checkpointing_func(block, *args)
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+class OspModelMixin:
+    """Shared behaviour of osp's diffusers models (list it first among the bases, before ModelMixin).
+
+    - ``from_pretrained``: strict loading (below).
+    - Upstream configs: a config whose ``_class_name`` is one of ``UPSTREAM_CLASS_NAMES`` takes
+      ``UPSTREAM_DEFAULTS`` (upstream's constructor defaults) for every field it lacks, as upstream's
+      ``from_config`` would; osp's own configs keep osp's defaults.
+    - ``IGNORED_KEY_PREFIXES``: training-only checkpoint keys to drop; ``_after_load`` may rebuild
+      non-persistent buffers on the meta-built model.
+    - ``enable_gradient_checkpointing`` / ``disable_gradient_checkpointing`` switch every
+      ``Checkpointed`` submodule, the same on every diffusers version.
+    - ``to`` is ``nn.Module.to``.
+    """
 
     UPSTREAM_CLASS_NAMES: Tuple[str, ...] = ()
+    UPSTREAM_DEFAULTS: Mapping[str, object] = {}
     IGNORED_KEY_PREFIXES: Tuple[str, ...] = ()
 
     def _after_load(self, device, dtype: Optional[torch.dtype]) -> None:
         """Called once the checkpoint's tensors are in place."""
+
+    def to(self, *args, **kwargs):
+        # diffusers' ModelMixin.to warns about fp32-pinned modules on every dtype cast even when
+        # there are none; these models have none and need nothing beyond nn.Module.to.
+        return nn.Module.to(self, *args, **kwargs)
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Optional[Callable] = None) -> None:
+        """Recompute block activations in backward: torch.utils.checkpoint (use_reentrant=False), or
+        ``gradient_checkpointing_func(block, *args)`` when given."""
+        for module in self.modules():
+            if isinstance(module, Checkpointed):
+                module.gradient_checkpointing = True
+                module._gradient_checkpointing_func = gradient_checkpointing_func
+
+    def disable_gradient_checkpointing(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Checkpointed):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Checkpointed))
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        if config_dict.get("_class_name") in cls.UPSTREAM_CLASS_NAMES:
+            config_dict = {**cls.UPSTREAM_DEFAULTS, **config_dict}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @classmethod
     def _checked_config(cls, config: dict, overrides: dict) -> dict:
