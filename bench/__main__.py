@@ -75,8 +75,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"torch {env['torch']}, triton {env['triton']}, revision {env['revision']}, {env['timestamp']}, "
           f"TRITON_INTERPRET={int(env['interpreter'])}, load {env['loadavg_1m']}")
     peaks = harness.measure_peaks(device)
-    print(f"peaks measured now: copy {peaks['copy_gbps']:.1f} GB/s (read + write), "
-          f"matmul {peaks['matmul_tflops']:.2f} TFLOP/s ({'bf16' if device == 'cuda' else 'fp32'})")
+    llc = peaks["llc_bytes"]
+    cache = "" if device == "cuda" else (
+        f"; last-level cache {llc / 2**20:.0f} MiB, rows whose working set fits in it say 'in cache'" if llc
+        else "; last-level cache size unknown")
+    print(f"peaks measured now: copy {peaks['copy_gbps']:.1f} GB/s (read + write, {peaks['copy_bytes'] / 2**20:.0f} MiB"
+          f"{cache}), matmul {peaks['matmul_tflops']:.2f} TFLOP/s ({'bf16' if device == 'cuda' else 'fp32'})")
     if device == "cpu":
         print(CPU_NOTE)
         if not args.interpret:

@@ -11,7 +11,9 @@ Timing: on CUDA ``triton.testing.do_bench`` (median with 0.2/0.8 quantiles, L2 f
 runs, warm-up keeps compilation and autotuning out); on CPU (and on CUDA without triton) a wall
 clock over repeats after one warm-up call, median, bounded to about a second per callable.
 Triton is imported only to time on CUDA, so on CPU the caller stays free to set TRITON_INTERPRET=1
-before anything imports it.
+before anything imports it. Because the CPU wall clock does not flush caches, a CPU row whose
+working set fits in the last-level cache says "in cache" (``in_cache``) instead of a share of the
+copy peak, which is measured well past that cache.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +34,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from osp.testing import memory
+from osp.testing.memory import peak_cuda_mib, peak_rss_mib  # noqa: F401  (the suites' peak measurements)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "results.jsonl"
 REPO = Path(__file__).resolve().parents[1]
@@ -79,37 +85,10 @@ def timed(fn: Callable, args: Sequence, dy: Optional[torch.Tensor] = None) -> Ca
     return lambda: fn(*args).backward(dy)
 
 
-def peak_cuda_mib(fn: Callable[[], object]) -> float:
-    """MiB that one call of fn allocates on the current CUDA device at its peak, beyond what was live."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peak_rss_mib(fn: Callable[[], object]) -> float:
-    """MiB by which one call of fn raises this process's resident memory at its peak (Linux: writing
-    "5" to /proc/self/clear_refs resets the high-water mark VmHWM to the current RSS)."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) / 1024
-
-
 def peak_rss_in_subprocess(module: str, *args: str) -> float:
-    """Run ``python -m module --peak *args`` in a fresh interpreter; it prints {"peak_mib": ...} last."""
-    out = subprocess.run([sys.executable, "-m", module, "--peak", *args], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    """Run ``python -m module --peak *args`` in a fresh interpreter in the checkout (so that bench
+    modules are found); it prints {"peak_mib": ...} last (osp.testing.memory.print_peak)."""
+    return memory.peak_rss_in_subprocess(module, *args, cwd=REPO)
 
 
 def _sync(device: str) -> None:
@@ -163,8 +142,74 @@ def time_ms(fn: Callable, device: str, grad_to_none: Sequence[torch.Tensor] = ()
     return float(med), float(lo), float(hi)
 
 
+def _size_bytes(text: str) -> Optional[int]:
+    """'491520K', '32 MiB', '503316480' -> bytes; None when it is no size."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        return None
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _sysfs_llc_bytes(root: Path) -> Optional[int]:
+    """Sum of the highest-level data caches under root (/sys/devices/system/cpu), each instance
+    (a set of CPUs sharing it) counted once."""
+    instances: Dict[int, Dict[str, int]] = {}
+    for index in root.glob("cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            size = _size_bytes((index / "size").read_text())
+            shared = (index / "shared_cpu_list").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if size:
+            instances.setdefault(level, {})[shared] = size
+    return sum(instances[max(instances)].values()) if instances else None
+
+
+def _lscpu_llc_bytes() -> Optional[int]:
+    """The highest-level cache lscpu reports (in total over its instances), or None."""
+    try:
+        out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=10,
+                             env=dict(os.environ, LC_ALL="C")).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sizes = {}
+    for m in re.finditer(r"^L(\d)\w* cache:\s*(\S+)", out, re.MULTILINE):
+        size = _size_bytes(m.group(2))
+        if size:
+            sizes[int(m.group(1))] = size
+    return sizes[max(sizes)] if sizes else None
+
+
+def last_level_cache_bytes() -> Optional[int]:
+    """Total bytes of the CPU's last-level caches (every instance: all sockets and core complexes),
+    from /sys/devices/system/cpu, else lscpu; None when neither tells."""
+    return _sysfs_llc_bytes(Path("/sys/devices/system/cpu")) or _lscpu_llc_bytes()
+
+
+def _mem_available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def cpu_copy_bytes(llc_bytes: Optional[int], available: Optional[int] = None) -> int:
+    """Bytes of each buffer of the CPU copy peak: twice the last-level cache, so that the copy's
+    working set (source and destination) is four caches and streams from memory (at least 256 MiB,
+    at most 2 GiB); 512 MiB when the cache size is unknown. Never more than a quarter of the
+    available memory."""
+    n = (512 << 20) if llc_bytes is None else min(max(2 * llc_bytes, 256 << 20), 2 << 30)
+    if available:
+        n = min(n, max(available // 4, 64 << 20))
+    return n
+
+
 def _copy_gbps(device: str, n_bytes: int) -> float:
-    src = torch.randn(n_bytes // 4, device=device)
+    src = torch.randn(n_bytes // 4, device=device) if device.startswith("cuda") else torch.full((n_bytes // 4,), 1.5)
     dst = torch.empty_like(src)
     return 2 * n_bytes / time_ms(lambda: dst.copy_(src), device)[0] / 1e6
 
@@ -175,19 +220,33 @@ def _matmul_tflops(device: str, n: int, dtype: torch.dtype) -> float:
     return 2 * n**3 / time_ms(lambda: torch.matmul(a, b), device)[0] / 1e9
 
 
-def measure_peaks(device: str) -> Dict[str, float]:
+def measure_peaks(device: str) -> Dict[str, Optional[float]]:
     """Reachable peaks measured now: copy bandwidth (GB/s, read + write) and matmul TFLOP/s.
 
-    GPU: a 1 GiB device-to-device copy and a bf16 8192^3 matmul; CPU: a 256 MB copy and an fp32
-    2048^3 matmul. Inputs are random (zeros would flatter a power-aware GPU).
+    GPU: a 1 GiB device-to-device copy and a bf16 8192^3 matmul (random inputs: zeros would flatter
+    a power-aware GPU). CPU: a copy of ``cpu_copy_bytes`` (well past the last-level cache, whose
+    size is recorded as ``llc_bytes`` for ``fits_in_cache``) and an fp32 2048^3 matmul.
     """
     cuda = device.startswith("cuda")
+    llc = None if cuda else last_level_cache_bytes()
+    copy_bytes = (1 << 30) if cuda else cpu_copy_bytes(llc, _mem_available_bytes())
     peaks = {
-        "copy_gbps": _copy_gbps(device, (1 << 30) if cuda else (256 << 20)),
+        "copy_gbps": _copy_gbps(device, copy_bytes),
+        "copy_bytes": copy_bytes,
+        "llc_bytes": llc,
         "matmul_tflops": _matmul_tflops(device, *((8192, torch.bfloat16) if cuda else (2048, torch.float32))),
     }
     _free(device)
     return peaks
+
+
+def fits_in_cache(n_bytes: int, device: str, peaks: Dict[str, Optional[float]], pct_peak_bw: float) -> bool:
+    """Whether a CPU row's bandwidth is no share of the memory's: its working set (``n_bytes``) fits
+    in the last-level cache, which the wall clock does not flush between repeats (do_bench on CUDA
+    does), or it beat the copy peak, which only the cache can do."""
+    if device.startswith("cuda"):
+        return False
+    return n_bytes <= (peaks.get("llc_bytes") or 0) or pct_peak_bw > 100
 
 
 def _device_name(device: str) -> str:
@@ -274,8 +333,10 @@ def run_cases(cases: Iterable[Case], device: str, peaks: Dict[str, float],
         try:
             ms, lo, hi = time_ms(case.run, device, case.grad_to_none)
             gbps = case.bytes / ms / 1e6
-            row.update(ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps, pct_peak_bw=100 * gbps / peaks["copy_gbps"],
-                       tflops=None if case.flops is None else case.flops / ms / 1e9)
+            pct = 100 * gbps / peaks["copy_gbps"]
+            in_cache = fits_in_cache(case.bytes, device, peaks, pct)
+            row.update(ms=ms, ms_p20=lo, ms_p80=hi, gbps=gbps, pct_peak_bw=None if in_cache else pct,
+                       in_cache=in_cache, tflops=None if case.flops is None else case.flops / ms / 1e9)
             if case.flops is not None:
                 row["pct_peak_flops"] = 100 * row["tflops"] / peaks["matmul_tflops"]
         except Exception as exc:  # one broken case must not end the suite
@@ -329,7 +390,7 @@ def markdown_table(rows: Sequence[Dict[str, object]]) -> str:
         else:
             s = r.get("speedup")
             speedup = "-" if s is None else f"{s:.2f}x" if s >= 0.1 else f"{s:.2g}x"
-            cells = [_num(r["ms"]), _num(r["gbps"]), _num(r["pct_peak_bw"], "{:.1f}"),
+            cells = [_num(r["ms"]), _num(r["gbps"]), "in cache" if r.get("in_cache") else _num(r.get("pct_peak_bw"), "{:.1f}"),
                      _num(r.get("baseline_ms")), speedup, r.get("error") or r.get("note") or ""]
         fixed = [r["op"], r["shape"], r["dtype"], r["layout"], r["backend"], r["mode"]]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in fixed + cells) + " |")

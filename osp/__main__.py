@@ -1,5 +1,7 @@
+"""``python -m osp COMMAND ...``: the ``osp`` console script (osp.cli.main)."""
 import sys
 
 from osp.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

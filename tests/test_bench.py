@@ -1,6 +1,8 @@
-"""The benchmark suites' own machinery (bench/ is not installed: imported from the checkout): the
-upstream-style conv keeps up with osp.ops.causal_conv3d's arguments, and the tiled-decode suite's
-measurements (statistics error, work factor) say what they claim."""
+"""The benchmark suites' own machinery (bench/ is not installed: imported from the checkout) and the
+tiled-decode measurements they share with the demo (osp.testing.vae_tiling): the upstream-style conv
+keeps up with osp.ops.causal_conv3d's arguments, the measurements (statistics error, work factor) say
+what they claim, and CPU rows whose working set fits in the cache are marked instead of given an
+impossible share of the copy peak."""
 import inspect
 import sys
 from pathlib import Path
@@ -11,7 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import osp  # noqa: E402
-from bench import bench_vae, bench_vae_tiling  # noqa: E402
+from bench import bench_vae, harness  # noqa: E402
+from osp.testing import vae_tiling  # noqa: E402
 
 
 def test_upstream_style_conv_takes_every_op_argument():
@@ -30,25 +33,74 @@ def test_upstream_style_conv_equals_the_reference(history):
 
 
 def test_work_factor_counts_the_tiles():
-    spec = dict(bench_vae_tiling.CPU, tile=64)  # 8 latents, overlap 2
-    vae = bench_vae_tiling.model(spec, "cpu")
+    spec = dict(vae_tiling.CPU, tile=64)  # 8 latents, overlap 2
+    vae = vae_tiling.model(spec, "cpu")
     z = torch.zeros(1, 4, 3, 16, 16)
     # stream: 3 tiles of 6-7 latents overlapping by 2 (20 of 16 per axis); osp-v1.0: tiles at every
     # 6 latents, clipped at the border (8 + 8 + 4 = 20 of 16)
-    assert bench_vae_tiling.work_factor(vae, spec, z, "stream-tile") == pytest.approx((20 / 16) ** 2)
-    assert bench_vae_tiling.work_factor(vae, spec, z, "osp-v1.0") == pytest.approx((20 / 16) ** 2)
-    assert bench_vae_tiling.work_factor(vae, spec, z, "untiled") == 1
+    assert vae_tiling.work_factor(vae, spec, z, "stream-tile") == pytest.approx((20 / 16) ** 2)
+    assert vae_tiling.work_factor(vae, spec, z, "osp-v1.0") == pytest.approx((20 / 16) ** 2)
+    assert vae_tiling.work_factor(vae, spec, z, "untiled") == 1
 
 
 def test_statistics_error_ranks_global_before_tile():
     """The statistics the untiled decode uses have error 0 against themselves; global statistics are
     closer to them than per-tile ones."""
-    spec = dict(bench_vae_tiling.CPU, tile=64)
+    spec = dict(vae_tiling.CPU, tile=64)
     with osp.ops.use_backend("torch"):
-        vae = bench_vae_tiling.model(spec, "cpu")
-        z = bench_vae_tiling.latent(vae, spec, (5, 128, 64), "cpu")
-        ref, ref_stats = bench_vae_tiling.decode_recording(vae, spec, z, "untiled")
-        assert bench_vae_tiling.norm_stats_error(ref_stats, ref_stats) == 0
-        errs = {v: bench_vae_tiling.norm_stats_error(ref_stats, bench_vae_tiling.decode_recording(vae, spec, z, v)[1])
+        vae = vae_tiling.model(spec, "cpu")
+        z = vae_tiling.latent(vae, spec, (5, 128, 64), "cpu")
+        ref, ref_stats = vae_tiling.decode_recording(vae, spec, z, "untiled")
+        assert vae_tiling.norm_stats_error(ref_stats, ref_stats) == 0
+        errs = {v: vae_tiling.norm_stats_error(ref_stats, vae_tiling.decode_recording(vae, spec, z, v)[1])
                 for v in ("stream-tile", "stream-global")}
     assert 0 < errs["stream-global"] < errs["stream-tile"], errs
+
+
+def _case(n_bytes):
+    x = torch.ones(64)
+    return harness.Case(op="copy", shape=str(n_bytes), dtype="float32", layout="-", backend="torch", mode="fwd",
+                        run=x.clone, baseline=None, baseline_name="", bytes=n_bytes)
+
+
+def test_cpu_rows_in_cache_say_so_instead_of_a_share_of_peak():
+    # A copy peak so high that no row beats it: only the working set decides.
+    peaks = dict(copy_gbps=1e12, copy_bytes=2 << 20, llc_bytes=1 << 20, matmul_tflops=1.0)
+    small, large = harness.run_cases([_case(1 << 19), _case(4 << 20)], "cpu", peaks, {})
+    assert small["in_cache"] and small["pct_peak_bw"] is None
+    assert not large["in_cache"] and 0 < large["pct_peak_bw"] < 100
+    table = harness.markdown_table([small, large]).splitlines()
+    assert "| in cache |" in table[2] and "in cache" not in table[3]
+
+
+def test_a_share_above_the_copy_peak_is_never_printed():
+    """Beating the copy peak on CPU can only come from the cache, even past its measured size (or
+    with no size known); on CUDA, which flushes L2 between timed calls, rows keep their share."""
+    assert harness.fits_in_cache(64 << 20, "cpu", dict(llc_bytes=1 << 20), pct_peak_bw=137.0)
+    assert harness.fits_in_cache(64 << 20, "cpu", dict(llc_bytes=None), pct_peak_bw=137.0)
+    assert not harness.fits_in_cache(64 << 20, "cpu", dict(llc_bytes=1 << 20), pct_peak_bw=60.0)
+    assert not harness.fits_in_cache(1 << 10, "cuda", dict(llc_bytes=None), pct_peak_bw=60.0)
+
+
+def _fake_cache(root, cpu, index, level, kind, size, shared):
+    d = root / f"cpu{cpu}" / "cache" / f"index{index}"
+    d.mkdir(parents=True)
+    for name, text in dict(level=str(level), type=kind, size=size, shared_cpu_list=shared).items():
+        (d / name).write_text(text + "\n")
+
+
+def test_last_level_cache_counts_every_instance_once(tmp_path):
+    # Two sockets of two cpus: a private L1/L2 per cpu, one 32 MiB L3 per socket.
+    for cpu in range(4):
+        _fake_cache(tmp_path, cpu, 0, 1, "Instruction", "64K", str(cpu))
+        _fake_cache(tmp_path, cpu, 1, 2, "Unified", "2048K", str(cpu))
+        _fake_cache(tmp_path, cpu, 2, 3, "Unified", "32768K", "0-1" if cpu < 2 else "2-3")
+    assert harness._sysfs_llc_bytes(tmp_path) == 64 << 20
+    assert harness._sysfs_llc_bytes(tmp_path / "missing") is None
+
+
+def test_cpu_copy_buffer_streams_past_the_cache():
+    assert harness.cpu_copy_bytes(480 << 20) >= 2 * (480 << 20)
+    assert harness.cpu_copy_bytes(4 << 20) == 256 << 20
+    assert harness.cpu_copy_bytes(None) == 512 << 20
+    assert harness.cpu_copy_bytes(480 << 20, available=1 << 30) == 256 << 20

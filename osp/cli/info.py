@@ -1,17 +1,23 @@
-"""Command line: ``osp info``, ``osp demo``, ``osp bench`` (also ``python -m osp ...``)."""
+"""``osp info``: versions, the device, and for every op which backends run here and why not."""
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import importlib.metadata as md
+import importlib.util
 import os
 import platform
-import sys
-from pathlib import Path
-from typing import List, Optional
 
 import torch
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="versions, device, and which backend each op uses here and why",
+                              description=__doc__)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    print(info())
+    return 0
 
 
 def _version(dist: str) -> str:
@@ -32,8 +38,8 @@ def _device_line() -> str:
 def info() -> str:
     """Versions, device, and for every op which backends run here and why not."""
     import osp
+    from osp._utils import interpreting
     from osp.ops import registered_ops
-    from osp.ops._triton import interpreting
 
     ext = "built" if importlib.util.find_spec("osp._C") else "not built (csrc/ has no sources yet)"
     lines = [
@@ -65,38 +71,3 @@ def info() -> str:
                 state = f"unavailable: {forced}"
             lines.append(f"  {name:<16} {backend:<7} {state}")
     return "\n".join(lines)
-
-
-def _bench_main(argv: List[str]) -> int:
-    """Run the benchmark suites of a source checkout (they live in bench/, not in the package)."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (root / "bench" / "__main__.py").exists():
-            sys.path.insert(0, str(root))
-            return importlib.import_module("bench.__main__").main(argv)
-    print("osp bench: the benchmark suites live in a source checkout's bench/ folder; "
-          "run it from the repository root", file=sys.stderr)
-    return 2
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="osp", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, device, and which backend each op uses here and why")
-    demo = sub.add_parser("demo", help="info, parity of every op and backend, a quick benchmark")
-    demo.add_argument("--no-bench", action="store_true", help="skip the quick benchmark")
-    sub.add_parser("bench", help="the benchmark suites (arguments go to python -m bench)", add_help=False)
-    args, rest = parser.parse_known_args(argv)
-    if args.cmd == "bench":
-        return _bench_main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.cmd == "info":
-        print(info())
-        return 0
-    from osp import demo as demo_mod
-
-    return demo_mod.run(bench=not args.no_bench)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Command line: ``osp COMMAND ...`` (also ``python -m osp COMMAND ...``).
+
+One module per command in this package, each with ``register(subparsers)``, which adds its parser
+and sets ``run=`` (a function of the parsed arguments returning the exit code) and, for a command
+that hands its remaining arguments on, ``passthrough=True`` (they arrive as ``args.rest``). A new
+command is a new module named in ``COMMANDS``.
+
+A user mistake is one line on stderr naming the value and what was expected, and exit code 2:
+a command raises ``UsageError`` (or its parser's ``error``) for it. Nothing in osp imports this
+package.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, NoReturn, Optional
+
+# Module names under osp.cli, in the order ``osp --help`` lists them.
+COMMANDS = ("info", "demo", "bench", "sample")
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line on stderr, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parser() -> Parser:
+    p = Parser(prog="osp", description="osp: fused kernels and models for Open-Sora-Plan v1.0-class text-to-video.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name.replace('-', '_')}").register(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; returns its exit code (2 for a user mistake)."""
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        print(f"osp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
