@@ -231,3 +231,50 @@ def test_tiny_encoder_feeds_latte():
     with osp.ops.use_backend("torch"), torch.no_grad():
         out = model(torch.randn(2, 4, 5, 8, 8), torch.tensor([1, 2]), states, encoder_attention_mask=mask).sample
     assert out.shape == (2, 8, 5, 8, 8) and torch.isfinite(out).all()
+
+
+def test_tiny_encoder_raw_states_and_per_call_length():
+    """raw=True keeps the network's states at the pads (pads attend to the caption only); max_length
+    applies to one call; the caption's own states do not depend on the length."""
+    enc = _tiny(max_length=48)
+    zeroed, mask = enc(CAPTIONS[:2])
+    raw, raw_mask = enc.encode(CAPTIONS[:2], raw=True)
+    assert torch.equal(mask, raw_mask) and torch.equal(raw[mask == 1], zeroed[mask == 1])
+    assert torch.all(raw[mask == 0].abs().sum(-1) > 0)
+    short, short_mask = enc.encode(CAPTIONS[:2], max_length=30, raw=True)
+    long, long_mask = enc.encode(CAPTIONS[:2], max_length=64, raw=True)  # longer than the built-in position table
+    assert short.shape == (2, 30, 16) and long.shape == (2, 64, 16) and enc.max_length == 48
+    torch.testing.assert_close(short, raw[:, :30], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(long[:, :48], raw, rtol=1e-5, atol=1e-5)
+    assert torch.equal(long_mask[:, :48], mask) and long_mask[:, 48:].eq(0).all()
+    with pytest.raises(ValueError, match="max_length=0"):
+        enc.encode(CAPTIONS, max_length=0)
+
+
+def test_t5_raw_states_are_the_models_own(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = _tiny_t5(str(tmp_path / "t5"))
+    enc = T5TextEncoder(path, max_length=12, dtype=torch.float32)
+    raw, mask = enc.encode(["cat", ""], max_length=20, raw=True)
+    assert raw.shape == (2, 20, 16) and mask.sum(1).tolist() == [2, 1]
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    t5 = transformers.T5EncoderModel.from_pretrained(path).eval()
+    ids = tok(["cat", ""], padding="max_length", max_length=20, return_tensors="pt")
+    with torch.no_grad():
+        want = t5(ids.input_ids, attention_mask=ids.attention_mask)[0]
+    torch.testing.assert_close(raw, want)
+    assert raw[1, 1:].abs().sum() > 0  # the empty caption's pad states, which upstream feeds unmasked
+    zeroed, _ = enc.encode(["cat", ""], max_length=20)
+    assert torch.equal(zeroed[mask == 1], raw[mask == 1]) and zeroed[mask == 0].eq(0).all()
+    assert enc.to("cpu") is enc and enc.device == torch.device("cpu")
+
+
+def test_cache_passes_raw_and_other_lengths_to_the_encoder_uncached(tmp_path):
+    inner = _tiny()
+    cached = CachedTextEncoder(inner, tmp_path)
+    raw, _ = cached.encode(CAPTIONS[:1], raw=True)
+    torch.testing.assert_close(raw, inner.encode(CAPTIONS[:1], raw=True)[0])
+    other, _ = cached.encode(CAPTIONS[:1], max_length=20)
+    assert other.shape == (1, 20, 16)
+    assert (cached.hits, cached.misses) == (0, 0) and not os.listdir(tmp_path)  # nothing cached
+    assert cached.to("cpu") is cached

@@ -89,6 +89,10 @@ class CachedTextEncoder(TextEncoder):
 
     ``misses`` counts the captions encoded, ``hits`` the captions served without encoding (a caption
     repeated within one call is encoded once and counted as a hit after the first).
+
+    The cache holds the states at caption tokens only, at the encoder's ``max_length``: a call with
+    ``raw=True`` (states at the padded positions too) or another ``max_length`` goes to the wrapped
+    encoder uncached (it must accept those arguments, as osp's encoders do).
     """
 
     def __init__(self, encoder: TextEncoder, cache_dir: Union[str, os.PathLike]):
@@ -97,7 +101,16 @@ class CachedTextEncoder(TextEncoder):
         self.max_length, self.out_channels, self.identity = encoder.max_length, encoder.out_channels, encoder.identity
         self.hits = self.misses = 0
 
-    def encode(self, captions: Captions) -> Tuple[torch.Tensor, torch.Tensor]:
+    def to(self, device) -> "CachedTextEncoder":
+        """Move the wrapped encoder (when it can move) to ``device``; returns self."""
+        if callable(getattr(self.encoder, "to", None)):
+            self.encoder.to(device)
+        return self
+
+    def encode(self, captions: Captions, *, max_length: Optional[int] = None,
+               raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        if raw or (max_length is not None and max_length != self.max_length):
+            return self.encoder.encode(captions, max_length=max_length, raw=raw)
         caps = caption_list(captions)
         found: Dict[str, torch.Tensor] = {}
         for c in dict.fromkeys(caps):

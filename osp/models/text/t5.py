@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .base import Captions, MissingWeightsError, TextEncoder, caption_list, zero_padding
+from .base import Captions, MissingWeightsError, TextEncoder, call_length, caption_list, zero_padding
 
 T5_MAX_LENGTH = 300
 _INSTALL_HINT = ("T5TextEncoder needs the optional packages transformers and sentencepiece: "
@@ -68,6 +68,8 @@ class T5TextEncoder(TextEncoder):
 
     ``encoder(captions)`` -> (states (b, max_length, d_model), mask (b, max_length) int64): the
     tokenizer's end token is appended, padded positions of states are zero.
+    ``encoder.encode(captions, max_length=L, raw=True)``: L tokens for this call, and T5's own
+    hidden states at the padded positions (the encoder runs with the mask either way).
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, tokenizer_path: Optional[Union[str, os.PathLike]] = None,
@@ -95,15 +97,24 @@ class T5TextEncoder(TextEncoder):
             "dtype": str(dtype).replace("torch.", ""),
         }, sort_keys=True)
 
-    def tokenize(self, captions: Captions) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask), each (b, max_length) int64 on the encoder's device."""
-        tok = self.tokenizer(caption_list(captions), max_length=self.max_length, padding="max_length",
+    def tokenize(self, captions: Captions, max_length: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), each (b, L) int64 on the encoder's device; L = max_length or
+        the encoder's max_length."""
+        L = call_length(type(self).__name__, max_length, self.max_length)
+        tok = self.tokenizer(caption_list(captions), max_length=L, padding="max_length",
                              truncation=True, add_special_tokens=True, return_attention_mask=True,
                              return_tensors="pt")
         return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
 
     @torch.no_grad()
-    def encode(self, captions: Captions) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.tokenize(captions)
+    def encode(self, captions: Captions, *, max_length: Optional[int] = None,
+               raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenize(captions, max_length)
         states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return zero_padding(states, mask), mask.long()
+        return (states if raw else zero_padding(states, mask)), mask.long()
+
+    def to(self, device: Union[str, torch.device]) -> "T5TextEncoder":
+        """Move the encoder (and where its outputs go) to ``device``; returns self."""
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
-from .base import Captions, TextEncoder, caption_list, zero_padding
+from .base import Captions, TextEncoder, call_length, caption_list, zero_padding
 
 PAD, EOS = 0, 1
 _BYTE_OFFSET = 2
@@ -58,7 +58,9 @@ class TinyTextEncoder(nn.Module, TextEncoder):
     RNG is left as it was).
 
     ``encoder(captions)`` -> (states (b, max_length, out_channels) float32 on the module's device,
-    zero at padding; mask (b, max_length) int64).
+    zero at padding; mask (b, max_length) int64). ``encoder.encode(captions, max_length=L,
+    raw=True)``: L tokens for this call, and the network's own states at the padded positions (pad
+    tokens attend to the caption tokens, never to other pads, as in T5).
     """
 
     def __init__(self, out_channels: int = 64, width: int = 64, layers: int = 2, heads: int = 4,
@@ -79,9 +81,7 @@ class TinyTextEncoder(nn.Module, TextEncoder):
             self.proj = nn.Linear(width, out_channels)
         self.requires_grad_(False)
         self.eval()
-        pos = torch.arange(max_length, dtype=torch.float64)[:, None] / 10000 ** (
-            torch.arange(width // 2, dtype=torch.float64) / (width // 2))[None]
-        self.register_buffer("positions", torch.cat([pos.sin(), pos.cos()], 1).float(), persistent=False)
+        self.register_buffer("positions", _sincos(max_length, width), persistent=False)
         self.identity = json.dumps({"encoder": "TinyTextEncoder", "version": 1, "out_channels": out_channels,
                                     "width": width, "layers": layers, "heads": heads, "max_length": max_length,
                                     "seed": seed}, sort_keys=True)
@@ -94,18 +94,29 @@ class TinyTextEncoder(nn.Module, TextEncoder):
     def device(self) -> torch.device:
         return self.proj.weight.device
 
-    def tokenize(self, captions: Captions) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = tokenize_bytes(captions, self.max_length)
+    def tokenize(self, captions: Captions, max_length: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = tokenize_bytes(captions, call_length(type(self).__name__, max_length, self.max_length))
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def encode(self, captions: Captions) -> Tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.tokenize(captions)
-        x = self.embed(ids) * math.sqrt(self.width) * 0.1 + self.positions.to(self.dtype)
+    def encode(self, captions: Captions, *, max_length: Optional[int] = None,
+               raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenize(captions, max_length)
+        L = ids.shape[1]
+        pos = self.positions[:L] if L <= self.positions.shape[0] else _sincos(L, self.width).to(self.device)
+        x = self.embed(ids) * math.sqrt(self.width) * 0.1 + pos.to(self.dtype)
         keep = mask.bool()
         for layer in self.layers:
             x = layer(x, keep)
-        return zero_padding(self.proj(F.layer_norm(x, (self.width,), self.norm.weight, self.norm.bias)), mask), mask
+        states = self.proj(F.layer_norm(x, (self.width,), self.norm.weight, self.norm.bias))
+        return (states if raw else zero_padding(states, mask)), mask
 
-    def forward(self, captions: Captions) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.encode(captions)
+    def forward(self, captions: Captions, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(captions, **kwargs)
+
+
+def _sincos(length: int, width: int) -> torch.Tensor:
+    """(length, width) float32 sin-cos position table (computed in float64)."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None] / 10000 ** (
+        torch.arange(width // 2, dtype=torch.float64) / (width // 2))[None]
+    return torch.cat([pos.sin(), pos.cos()], 1).float()

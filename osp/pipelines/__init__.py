@@ -1,0 +1,28 @@
+"""Sampling pipelines: ``TextToVideoPipeline`` (Open-Sora-Plan v1.0's VideoGenPipeline over osp's
+models, diffusers conventions) and the samplers ``osp sample --sample_method`` offers.
+
+Submodules are imported on first use: ``osp.pipelines.schedulers`` (the sampler names) is cheap,
+the pipeline itself needs diffusers.
+"""
+import importlib
+
+_EXPORTS = {
+    "TextToVideoPipeline": ".text_to_video", "TextToVideoPipelineOutput": ".text_to_video",
+    "OUTPUT_TYPES": ".text_to_video", "TEXT_MASKS": ".text_to_video", "load_text_encoder": ".text_to_video",
+    "parse_version": ".text_to_video",
+    "SAMPLE_METHODS": ".schedulers", "UPSTREAM_SCHEDULERS": ".schedulers", "IDDPMSampler": ".schedulers",
+    "make_scheduler": ".schedulers", "scheduler_config": ".schedulers", "scheduler_name": ".schedulers",
+    "clean_caption": ".captions", "preprocess_captions": ".captions",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
