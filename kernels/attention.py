@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from osp.ops._triton import interpreting
+from osp._utils import interpreting
 
 LOG2E = 1.4426950408889634
 

@@ -34,8 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from osp.ops._triton import interpreting
-from osp.ops.causal_conv3d import memory_format_of
+from osp._utils import interpreting, memory_format_of
 
 
 @triton.jit

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from osp.ops._triton import interpreting
+from osp._utils import ACTIVATIONS, interpreting
 
-ACTIVATIONS = {None: 0, "silu": 1}
+_ACT_CODE = {act: code for code, act in enumerate(ACTIVATIONS)}  # the ACT constexpr of the kernels
 
 
 @triton.jit
@@ -275,7 +275,7 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
                            BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_CG=block_cg, num_warps=num_warps)
     _gn_apply_kernel[grid](x, y, weight if weight is not None else x, bias if bias is not None else x,
                            part, mean, rstd, S, G, C // G, n_gblocks, s_per_split, splits, eps, sxn, sxc, sxs,
-                           HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTIVATIONS[act],
+                           HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACT_CODE[act],
                            BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_CG=block_cg,
                            BLOCK_P=triton.next_power_of_2(splits), num_warps=num_warps)
     return y, mean, rstd
@@ -301,7 +301,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     pdz = torch.empty((N, splits, C), device=x.device, dtype=torch.float32)
     pdzx = torch.empty((N, splits, C), device=x.device, dtype=torch.float32)
     _gn_bwd_reduce_kernel[grid](x, dy, w_arg, b_arg, mean, rstd, pdz, pdzx, S, C, G, Cg, n_gblocks, s_per_split,
-                                splits, sxn, sxc, sxs, HAS_W=has_w, HAS_B=has_b, ACT=ACTIVATIONS[act],
+                                splits, sxn, sxc, sxs, HAS_W=has_w, HAS_B=has_b, ACT=_ACT_CODE[act],
                                 BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_CG=block_cg, num_warps=num_warps)
     # Small deterministic reductions over (N, SPLITS, C) fp32 buffers.
     sdz, sdzx = pdz.sum(1), pdzx.sum(1)  # (N, C)
@@ -315,6 +315,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
         gb = ((sdzx * w32).view(N, G, Cg).sum(-1) / count).contiguous()
         dx = torch.empty_like(x)
         _gn_bwd_dx_kernel[grid](x, dy, dx, w_arg, b_arg, mean, rstd, ga, gb, S, G, Cg, n_gblocks, s_per_split,
-                                sxn, sxc, sxs, HAS_W=has_w, HAS_B=has_b, ACT=ACTIVATIONS[act],
+                                sxn, sxc, sxs, HAS_W=has_w, HAS_B=has_b, ACT=_ACT_CODE[act],
                                 BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_CG=block_cg, num_warps=num_warps)
     return dx, dweight, dbias

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from osp.ops._triton import interpreting
+from osp._utils import interpreting
 
 
 @triton.jit

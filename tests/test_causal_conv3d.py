@@ -2,6 +2,7 @@
 forward and all gradients (dx, dweight, dbias, dresidual) under a random upstream gradient; the
 streaming history= form (chunked video) against the same reference."""
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -61,9 +62,15 @@ def upstream_causal_conv3d(x, w, b, stride, padding, residual=None):
     return y if residual is None else y + residual
 
 
+def stable_seed(*key) -> int:
+    """A seed equal in every process (hash() of a str is salted per process); failures print it."""
+    return zlib.crc32(repr(key).encode())
+
+
 def check_against_reference(sizes, kernel, stride, padding, with_residual, layout, dtype, backend, with_bias=True):
     N, Cin, Cout, T, H, W = sizes
-    torch.manual_seed(hash((sizes, kernel, stride, padding, layout, str(dtype))) % 2**31)
+    seed = stable_seed(sizes, kernel, stride, padding, layout, str(dtype))
+    torch.manual_seed(seed)
     x = make_input((N, Cin, T, H, W), layout, dtype)
     fan_in = Cin * kernel[0] * kernel[1] * kernel[2]
     w = (torch.randn(Cout, Cin, *kernel, device=DEVICE) / fan_in ** 0.5).to(dtype)
@@ -75,15 +82,15 @@ def check_against_reference(sizes, kernel, stride, padding, with_residual, layou
         t.requires_grad_(True)
 
     out = causal_conv3d(x, w, b, stride=stride, padding=padding, residual=res, backend=backend)
-    assert out.dtype == dtype
+    assert out.dtype == dtype, f"seed {seed}"
     if layout == "channels_last":
-        assert out.is_contiguous(memory_format=torch.channels_last_3d), "output must keep channels_last_3d"
+        assert out.is_contiguous(memory_format=torch.channels_last_3d), f"output must keep channels_last_3d (seed {seed})"
     else:
-        assert out.is_contiguous()
+        assert out.is_contiguous(), f"seed {seed}"
     dy = torch.randn(out.shape, device=DEVICE).to(dtype)
     grads = torch.autograd.grad(out, leaves, dy)
     if layout == "channels_last" and backend == "triton":  # the torch backend's dx is F.conv3d's
-        assert grads[0].stride() == x.stride(), "dx must keep the input's memory format"
+        assert grads[0].stride() == x.stride(), f"dx must keep the input's memory format (seed {seed})"
 
     # PyTorch in the same dtype, upstream's way: its error sets the tolerance.
     torch_out = upstream_causal_conv3d(x, w, b, stride, padding, res)
@@ -99,11 +106,11 @@ def check_against_reference(sizes, kernel, stride, padding, with_residual, layou
     assert torch.equal(ref, causal_conv3d_reference(x64, w64, b64, stride=stride, padding=padding, residual=r64))
     ref_grads = torch.autograd.grad(ref, leaves64, dy.double().cpu())
 
-    assert_parity(out, ref, torch_out, "y")
+    assert_parity(out, ref, torch_out, f"y (seed {seed})")
     names = ["dx", "dweight"] + (["dbias"] if with_bias else []) + (["dresidual"] if with_residual else [])
     for name, g, tg, rg in zip(names, grads, torch_grads, ref_grads):
-        assert g.dtype == dtype, f"{name} has dtype {g.dtype}"
-        assert_parity(g, rg, tg, name)
+        assert g.dtype == dtype, f"{name} has dtype {g.dtype} (seed {seed})"
+        assert_parity(g, rg, tg, f"{name} (seed {seed})")
 
 
 PARAMS = [(c[1:], lay) for c in CASES for lay in LAYOUTS]
@@ -174,13 +181,17 @@ def test_only_some_inputs_need_grad():
     torch.testing.assert_close(dw, rdw.float(), rtol=1e-4, atol=1e-4)
 
 
-def test_mixed_parameter_dtype_follows_the_input():
-    """fp32 parameters with an fp16 input compute in fp16; gradients come back in each leaf's dtype."""
+def test_mixed_dtypes_follow_f_conv3d():
+    """As F.conv3d: fp32 parameters with an fp16 input are a ValueError naming both dtypes; under
+    autocast they compute in fp16, and gradients come back in each leaf's dtype."""
     x = torch.randn(1, 3, 5, 4, 4, device=DEVICE, dtype=torch.float16, requires_grad=True)
     w = torch.randn(4, 3, 2, 3, 3, device=DEVICE, requires_grad=True)
     b = torch.randn(4, device=DEVICE, requires_grad=True)
     for backend in ("triton", "torch"):
-        out = causal_conv3d(x, w, b, padding=1, backend=backend)
+        with pytest.raises(ValueError, match=r"weight has dtype torch.float32 but x has torch.float16"):
+            causal_conv3d(x, w, b, padding=1, backend=backend)
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            out = causal_conv3d(x, w, b, padding=1, backend=backend)
         assert out.dtype == torch.float16
         dx, dw, db = torch.autograd.grad(out.float().sum(), (x, w, b))
         assert (dx.dtype, dw.dtype, db.dtype) == (torch.float16, torch.float32, torch.float32)
@@ -248,7 +259,8 @@ def streaming_causal_conv3d(x, w, b, stride, padding, residual, history):
 def test_history_matches_reference(case, layout, dtype, backend):
     sizes, kernel, stride, padding, with_residual = case
     N, Cin, Cout, T, H, W = sizes
-    torch.manual_seed(hash((sizes, kernel, stride, padding, layout, str(dtype))) % 2**31)
+    seed = stable_seed(sizes, kernel, stride, padding, layout, str(dtype))
+    torch.manual_seed(seed)
     x = make_input((N, Cin, T, H, W), layout, dtype)
     hist = make_input((N, Cin, kernel[0] - 1, H, W), layout, dtype)
     fan_in = Cin * kernel[0] * kernel[1] * kernel[2]
@@ -259,16 +271,17 @@ def test_history_matches_reference(case, layout, dtype, backend):
     res = make_input(tuple(shape), layout, dtype) if with_residual else None
 
     out = causal_conv3d(x, w, b, stride=stride, padding=padding, residual=res, history=hist, backend=backend)
-    assert out.shape == shape and out.dtype == dtype
+    assert out.shape == shape and out.dtype == dtype, f"seed {seed}"
     if layout == "channels_last":
-        assert out.is_contiguous(memory_format=torch.channels_last_3d), "output must keep channels_last_3d"
+        assert out.is_contiguous(memory_format=torch.channels_last_3d), f"output must keep channels_last_3d (seed {seed})"
     else:
-        assert out.is_contiguous()
+        assert out.is_contiguous(), f"seed {seed}"
     torch_out = streaming_causal_conv3d(x, w, b, stride, padding, res, hist)
     d = lambda t: t.double().cpu() if t is not None else None
     ref = causal_conv3d_reference(x, w, b, stride=stride, padding=padding, residual=res, history=hist)
-    torch.testing.assert_close(ref, streaming_causal_conv3d(d(x), d(w), d(b), stride, padding, d(res), d(hist)).to(ref.device))
-    assert_parity(out, ref, torch_out, "y")
+    torch.testing.assert_close(ref, streaming_causal_conv3d(d(x), d(w), d(b), stride, padding, d(res), d(hist)).to(ref.device),
+                               msg=lambda m: f"{m} (seed {seed})")
+    assert_parity(out, ref, torch_out, f"y (seed {seed})")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -336,14 +349,18 @@ def test_history_triton_is_forward_only():
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_history_dtype_follows_the_input():
-    """An fp32 history with an fp16 clip is cast to fp16, like the parameters."""
+def test_history_dtype_follows_the_rule():
+    """An fp32 history with an fp16 clip is a ValueError; under fp16 autocast it is cast to fp16,
+    like the parameters."""
     x = torch.randn(1, 3, 3, 4, 4, device=DEVICE, dtype=torch.float16)
     hist = torch.randn(1, 3, 1, 4, 4, device=DEVICE)
     w = torch.randn(4, 3, 2, 1, 1, device=DEVICE)
     expected = streaming_causal_conv3d(x.float(), w, None, (1, 1, 1), 0, None, hist.half().float())
     for backend in ("triton", "torch"):
-        out = causal_conv3d(x, w, history=hist, backend=backend)
+        with pytest.raises(ValueError, match=r"history has dtype torch.float32 but x has torch.float16"):
+            causal_conv3d(x, w.half(), history=hist, backend=backend)
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            out = causal_conv3d(x, w, history=hist, backend=backend)
         assert out.dtype == torch.float16
         torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
 
@@ -385,11 +402,16 @@ WGT = torch.randn(4, 3, 3, 3, 3)
          r"history has dtype torch.int64"),
         (lambda: causal_conv3d(X, WGT, history=torch.randn(2, 3, 2, 6, 6, device="meta")),
          r"history is on meta but x is on cpu"),
+        (lambda: causal_conv3d(X.bfloat16(), WGT), r"weight has dtype torch.float32 but x has torch.bfloat16"),
+        (lambda: causal_conv3d(X, WGT, torch.randn(4, dtype=torch.float64)), r"bias has dtype torch.float64 but x has torch.float32"),
+        (lambda: causal_conv3d(X, WGT, residual=torch.randn(2, 4, 5, 4, 4).half()),
+         r"residual has dtype torch.float16 but x has torch.float32; expected one dtype"),
     ],
     ids=["x-rank-4", "x-integer", "weight-rank-4", "channel-mismatch", "weight-integer", "bias-size", "zero-stride",
          "stride-2-tuple", "negative-padding", "temporal-padding", "residual-shape", "residual-integer",
          "output-empty", "zero-frames", "device-mismatch", "unknown-backend", "history-frames", "history-height",
-         "history-temporal-stride", "history-kt-1", "history-not-tensor", "history-integer", "history-device"],
+         "history-temporal-stride", "history-kt-1", "history-not-tensor", "history-integer", "history-device",
+         "mixed-weight-dtype", "mixed-bias-dtype", "mixed-residual-dtype"],
 )
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):

@@ -75,3 +75,76 @@ def test_info_reports_each_backend():
     out = subprocess.run([sys.executable, "-m", "osp", "info"], capture_output=True, text=True, check=True).stdout
     assert f"osp {osp.__version__}" in out and f"torch {torch.__version__}" in out
     assert "group_norm       triton" in out and "group_norm       torch   usable" in out
+
+
+def select(op_name, backend=None):
+    """The backend an op would run for its probe call on this device."""
+    op = osp.ops.registered_ops()[op_name]
+    args, kwargs = op.probe(DEVICE, torch.float32)
+    return op.select(args, kwargs, backend).name
+
+
+def test_every_op_is_registered_with_its_file_as_group():
+    groups = {name: op.group for name, op in osp.ops.registered_ops().items()}
+    assert groups == {
+        "attention": "attention", "causal_conv3d": "causal_conv3d",
+        "group_norm": "group_norm", "group_norm_fixed_stats": "group_norm",
+        "layer_norm_modulate": "modulation", "gated_residual": "modulation",
+        "blend_tile_": "tile_blend", "blend_normalize_": "tile_blend",
+    }
+    for name in groups:  # every public op has a probe whose call each backend can explain
+        op = osp.ops.registered_ops()[name]
+        args, kwargs = op.probe(DEVICE, torch.float32)
+        assert set(op.explain(*args, **kwargs)) == set(op.backends)
+
+
+@pytest.mark.parametrize("how", ["environment", "context"])
+def test_a_file_name_forces_every_op_of_the_file(monkeypatch, how):
+    """modulation=triton forces both ops of modulation.py; an op's own name takes precedence; a
+    group's choice skips the ops that lack that backend (blend_normalize_ has torch only)."""
+    free = "triton" if DEVICE == "cuda" else "torch"  # what automatic choice gives here
+    choices = {"modulation": "triton", "gated_residual": "torch", "tile_blend": "triton", "group_norm": "torch"}
+
+    def forced():
+        return {name: select(name) for name in ("layer_norm_modulate", "gated_residual", "blend_tile_",
+                                                 "blend_normalize_", "group_norm", "group_norm_fixed_stats",
+                                                 "causal_conv3d")}
+
+    expected = {"layer_norm_modulate": "triton", "gated_residual": "torch", "blend_tile_": "triton",
+                "blend_normalize_": "torch", "group_norm": "torch", "group_norm_fixed_stats": "torch",
+                "causal_conv3d": free}
+    if how == "environment":
+        monkeypatch.setenv("OSP_BACKEND", ",".join(f"{k}={v}" for k, v in choices.items()))
+        assert forced() == expected
+    else:
+        with use_backend(**choices):
+            assert forced() == expected
+        with use_backend("triton", modulation="torch"):  # the group beats the global choice
+            assert select("layer_norm_modulate") == "torch" and select("causal_conv3d") == "triton"
+            assert select("blend_normalize_") == "torch"  # no triton backend: chooses freely
+    with use_backend(modulation="torch"):  # the context beats the environment for the group too
+        assert select("layer_norm_modulate") == "torch"
+
+
+def test_unknown_op_or_group_names_are_value_errors(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown op 'modulatoin' in use_backend; expected an op or file name: .*modulation"):
+        with use_backend(modulatoin="torch"):
+            pass
+    with pytest.raises(ValueError, match=r"unknown backend 'flash_attn' for the ops of modulation"):
+        with use_backend(modulation="flash_attn"):
+            pass
+    with pytest.raises(ValueError, match=r"unknown backend 'triton' for op blend_normalize_"):
+        with use_backend(blend_normalize_="triton"):
+            pass
+    monkeypatch.setenv("OSP_BACKEND", "tile_blnd=torch")
+    with pytest.raises(ValueError, match=r"unknown op 'tile_blnd' in OSP_BACKEND='tile_blnd=torch'"):
+        select("blend_tile_")
+
+
+def test_blend_normalize_goes_through_dispatch(caplog):
+    _LOGGED.clear()
+    out, wsum = torch.ones(1, 2, 3, 4, 5, device=DEVICE), torch.full((3, 4, 5), 2.0, device=DEVICE)
+    with caplog.at_level(logging.INFO, logger="osp.ops"), use_backend(tile_blend="torch"):
+        osp.ops.blend_normalize_(out, wsum)
+    assert "osp.ops.blend_normalize_ -> torch (forced)" in [r.getMessage() for r in caplog.records]
+    assert torch.equal(out, torch.full_like(out, 0.5))

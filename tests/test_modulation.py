@@ -1,4 +1,5 @@
-"""osp.ops.layer_norm_modulate and osp.ops.gated_residual against float64, forward and gradients."""
+"""osp.ops.layer_norm_modulate and osp.ops.gated_residual against float64, forward and gradients;
+their dtype rules (layer_norm's mixed parameters, x + gate * y's promotion) and argument errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,8 +89,13 @@ def test_gated_residual(x_shape, m_shape, strided, dtype, backend):
         (lambda: gated_residual(torch.randn(2, 3, 8), torch.randn(8), torch.randn(2, 4, 8)), r"y is \(2, 4, 8\)"),
         (lambda: gated_residual(torch.randn(2, 3, 8), torch.randn(2, 7), torch.randn(2, 3, 8)),
          r"gate has shape \(2, 7\)"),
+        (lambda: layer_norm_modulate(torch.randn(2, 3, 8), torch.randn(8).bfloat16(), torch.randn(8)),
+         r"layer_norm_modulate: shift has dtype torch.bfloat16 but x has torch.float32; expected torch.float32$"),
+        (lambda: layer_norm_modulate(torch.randn(2, 3, 8).half(), torch.randn(8).half(), torch.randn(8).double()),
+         r"scale has dtype torch.float64 but x has torch.float16; expected torch.float16 or torch.float32"),
     ],
-    ids=["x-rank", "shift-batch", "scale-per-token", "eps", "int-dtype", "y-shape", "gate-width"],
+    ids=["x-rank", "shift-batch", "scale-per-token", "eps", "int-dtype", "y-shape", "gate-width", "bf16-shift-fp32-x",
+         "fp64-scale-fp16-x"],
 )
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
@@ -97,9 +103,19 @@ def test_bad_arguments_raise_value_error(call, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp32_modulation_keeps_the_tokens_dtype(backend):
-    """fp32 modulation rows next to fp16 tokens (mixed precision): the result stays in x's dtype."""
+def test_mixed_dtypes_follow_torch(backend):
+    """fp32 modulation rows next to fp16 tokens: layer_norm_modulate stays in x's dtype (as
+    F.layer_norm with fp32 weight and bias), gated_residual promotes (as x + gate * y)."""
     x = torch.randn(2, 5, 40, device=DEVICE).half()
     m = torch.randn(2, 40, device=DEVICE)
     assert layer_norm_modulate(x, m, m, backend=backend).dtype == torch.float16
-    assert gated_residual(x, m, x, backend=backend).dtype == torch.float16
+    out = gated_residual(x, m, x, backend=backend)
+    expected = x + m[:, None] * x
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+    # An fp32 residual stream plus an fp16 branch: fp32, gradients in each leaf's dtype.
+    xs, g, y = (t.clone().requires_grad_(True) for t in (x.float(), m.half(), x))
+    out = gated_residual(xs, g, y, backend=backend)
+    assert out.dtype == torch.float32
+    grads = torch.autograd.grad(out.sum(), (xs, g, y))
+    assert [t.dtype for t in grads] == [torch.float32, torch.float16, torch.float16]

@@ -82,3 +82,25 @@ def test_uncovered_positions_and_bad_arguments_raise():
         blend_tile_(out, wsum, tile, (0, -1, 0), (0, 0, 0), (0, 0, 0))
     with pytest.raises(ValueError, match=r"tile \(1, 3, 4, 5, 5\)"):
         blend_tile_(out, wsum, torch.zeros(1, 3, 4, 5, 5), (0, 0, 0), (0, 0, 0), (0, 0, 0))
+    with pytest.raises(ValueError, match=r"blend_normalize_: wsum \(4, 8, 7\) does not match out's \(4, 8, 8\)"):
+        blend_normalize_(out, torch.ones(4, 8, 7))
+    with pytest.raises(ValueError, match=r"blend_normalize_: out has shape \(2, 4, 8, 8\); expected rank 5"):
+        blend_normalize_(out[0], torch.ones(4, 8, 8))
+    with pytest.raises(ValueError, match=r"blend_normalize_: wsum has dtype torch.int64"):
+        blend_normalize_(out, torch.ones(4, 8, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"blend_normalize_: wsum is on meta but out is on cpu"):
+        blend_normalize_(out, torch.ones(4, 8, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"unknown backend 'triton'"):
+        blend_normalize_(out, torch.ones(4, 8, 8), backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_normalize_divides_in_fp32_and_keeps_the_dtype(dtype):
+    torch.manual_seed(2)
+    out = torch.randn(2, 3, 4, 5, 6, device=DEVICE).to(dtype)
+    wsum = torch.rand(4, 5, 6, device=DEVICE) * 2 + 0.1
+    ref = out.double() / wsum.double()
+    torch_out = out / wsum.to(dtype)
+    result = blend_normalize_(out, wsum, backend="torch")
+    assert result is out and out.dtype == dtype
+    assert_parity(out, ref, torch_out, "out")

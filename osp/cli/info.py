@@ -69,5 +69,5 @@ def info() -> str:
                 state = f"only when forced ({auto})"
             else:
                 state = f"unavailable: {forced}"
-            lines.append(f"  {name:<16} {backend:<7} {state}")
+            lines.append(f"  {name:<22} {backend:<10} {state}")
     return "\n".join(lines)

@@ -4,10 +4,17 @@ Every op owns an ordered list of backends. For a given call each backend answers
 (a reason string, or None when it can run); the first with no reason runs. A backend is forced,
 in decreasing precedence, by the ``backend=`` argument of the call, by the ``use_backend`` context
 manager, or by the ``OSP_BACKEND`` environment variable, whose value is either one backend name for
-every op that has it (``OSP_BACKEND=torch``) or a comma list of ``op=backend`` pairs
-(``OSP_BACKEND=group_norm=triton,attention=torch``). Forcing a backend that cannot run this call
-raises BackendUnavailable listing every backend's reason. The choice is logged once per
-(op, backend) on the ``osp.ops`` logger.
+every op that has it (``OSP_BACKEND=torch``) or a comma list of ``name=backend`` pairs
+(``OSP_BACKEND=group_norm=triton,attention=torch``). A name is an op or a group: the file an op
+lives in (``modulation`` holds layer_norm_modulate and gated_residual, ``tile_blend`` holds
+blend_tile_ and blend_normalize_). An op's own name takes precedence over its group's; a group's
+choice, like a global one, applies to those of its ops that have that backend. Unknown names and
+backends are ValueErrors. Forcing a backend that cannot run this call raises BackendUnavailable
+listing every backend's reason. The choice is logged once per (op, backend) on the ``osp.ops``
+logger.
+
+Autocast: an op declares the policy of its torch counterpart (``osp.ops._dtypes``); ``Op.autocast``
+casts its inputs accordingly, and ``Op.dispatch`` runs the backend with autocast off.
 """
 from __future__ import annotations
 
@@ -18,7 +25,11 @@ import logging
 import os
 from types import MappingProxyType
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Mapping, Optional
+
+import torch
+
+from .._utils import autocast_dtype
 
 logger = logging.getLogger("osp.ops")
 
@@ -51,9 +62,29 @@ _REGISTRY: Dict[str, "Op"] = {}
 _LOGGED: set = set()
 
 
+def _validate(choices: Mapping[str, str], where: str) -> None:
+    """ValueError for a name that is no op or group, or a backend that name cannot have."""
+    groups: Dict[str, set] = {}
+    for op in _REGISTRY.values():
+        groups.setdefault(op.group, set()).update(op.backends)
+    known = set(BACKEND_NAMES).union(*groups.values())
+    for key, name in choices.items():
+        if key == "*":
+            allowed, what = known, "all ops"
+        elif key in _REGISTRY:  # an op's own name: one of its backends
+            allowed, what = set(_REGISTRY[key].backends), f"op {key}"
+        elif key in groups:
+            allowed, what = groups[key], f"the ops of {key}"
+        else:
+            names = sorted(set(_REGISTRY) | set(groups))
+            raise ValueError(f"unknown op {key!r} in {where}; expected an op or file name: {', '.join(names)}")
+        if name not in allowed:
+            raise ValueError(f"unknown backend {name!r} for {what} in {where}; expected one of {sorted(allowed)}")
+
+
 @functools.lru_cache(maxsize=16)
 def _parse_env(value: str) -> Dict[str, str]:
-    """'torch' -> {'*': 'torch'}; 'group_norm=triton,attention=torch' -> per-op mapping."""
+    """'torch' -> {'*': 'torch'}; 'group_norm=triton,modulation=torch' -> per-name mapping (validated)."""
     out: Dict[str, str] = {}
     for item in filter(None, (p.strip() for p in value.split(","))):
         op, sep, name = item.partition("=")
@@ -61,6 +92,7 @@ def _parse_env(value: str) -> Dict[str, str]:
             out[op.strip()] = name.strip()
         else:
             out["*"] = op
+    _validate(out, f"OSP_BACKEND={value!r}")
     return out
 
 
@@ -69,17 +101,14 @@ def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
     """Force a backend inside a ``with`` block.
 
     ``use_backend("torch")`` forces it for every op that has a backend of that name;
-    ``use_backend(group_norm="triton")`` forces it for one op. Nested blocks override outer ones.
+    ``use_backend(group_norm="triton")`` forces it for one op, ``use_backend(modulation="triton")``
+    for the ops of modulation.py that have it. Nested blocks override outer ones.
     """
     current = dict(_OVERRIDE.get())
     if backend is not None:
-        current = {k: v for k, v in current.items() if k != "*"}
         current["*"] = backend
     current.update(per_op)
-    known = set(BACKEND_NAMES).union(*(op.backends for op in _REGISTRY.values()))
-    for op, name in current.items():
-        if name not in known:
-            raise ValueError(f"unknown backend {name!r} for {op if op != '*' else 'all ops'}; expected one of {sorted(known)}")
+    _validate(current, "use_backend")
     token = _OVERRIDE.set(current)
     try:
         yield
@@ -87,15 +116,25 @@ def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
         _OVERRIDE.reset(token)
 
 
-class Op:
-    """An op with ordered backends; call ``op.dispatch(args, kwargs, backend)``."""
+AutocastPolicy = Callable[[str, torch.dtype], Optional[torch.dtype]]
 
-    def __init__(self, name: str, backends: List[Backend], probe: Optional[Callable] = None):
+
+class Op:
+    """An op with ordered backends; call ``op.autocast(...)`` on its tensors, validate, then
+    ``op.dispatch(args, kwargs, backend)``."""
+
+    def __init__(self, name: str, backends: List[Backend], probe: Optional[Callable] = None, *,
+                 group: Optional[str] = None, autocast: Optional[AutocastPolicy] = None):
         """``probe(device, dtype) -> (args, kwargs)`` builds a small typical call, so that
-        ``osp info`` can ask every backend whether it would run here."""
+        ``osp info`` can ask every backend whether it would run here. ``group``: the name of the
+        op's file when it differs from the op's (several ops in one file). ``autocast(device_type,
+        autocast_dtype)``: the dtype torch.autocast casts the op's torch counterpart to, or None
+        (see osp.ops._dtypes); None for an op autocast does not touch."""
         self.name = name
+        self.group = group or name
         self.backends = {b.name: b for b in backends}
         self.probe = probe
+        self.autocast_policy = autocast
         _REGISTRY[name] = self
 
     def _forced(self, backend: Optional[str]) -> Optional[str]:
@@ -107,18 +146,29 @@ class Op:
                 )
             return backend
         for source in (_OVERRIDE.get(), _parse_env(os.environ.get("OSP_BACKEND", ""))):
-            if self.name in source:
-                name = source[self.name]
-                if name not in self.backends:
-                    raise ValueError(
-                        f"osp.ops.{self.name}: unknown backend {name!r} in OSP_BACKEND or use_backend; "
-                        f"expected one of {tuple(self.backends)}"
-                    )
-                return name
-            # A global choice applies to the ops that have such a backend; others choose freely.
-            if source.get("*") in self.backends:
-                return source["*"]
+            if self.name in source:  # validated: one of this op's backends
+                return source[self.name]
+            # A group's or a global choice applies to the ops that have such a backend; others choose freely.
+            for key in (self.group, "*"):
+                if source.get(key) in self.backends:
+                    return source[key]
         return None
+
+    def autocast(self, *tensors):
+        """``tensors`` as torch.autocast hands them to this op's torch counterpart: under autocast on
+        a tensor's device, a floating tensor other than float64 is cast to the dtype of the op's
+        policy. Anything else (None, ints, other dtypes, autocast off) passes through unchanged."""
+        if self.autocast_policy is None:
+            return tensors
+        out = []
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                dtype = autocast_dtype(t.device.type)
+                target = self.autocast_policy(t.device.type, dtype) if dtype is not None else None
+                if target is not None:
+                    t = t.to(target)
+            out.append(t)
+        return tuple(out)
 
     def explain(self, *args, **kwargs) -> Dict[str, Optional[str]]:
         """Each backend's reason for not running this call when chosen automatically (None = usable)."""
@@ -155,7 +205,13 @@ class Op:
         return chosen
 
     def dispatch(self, args: tuple, kwargs: dict, backend: Optional[str] = None):
-        return self.select(args, kwargs, backend).run(*args, **kwargs)
+        """Run the chosen backend on validated args; args[0] is the main tensor. Under autocast the
+        inputs were cast by ``autocast`` already, so the backend runs with autocast off."""
+        device_type = args[0].device.type
+        if autocast_dtype(device_type) is None:
+            return self.select(args, kwargs, backend).run(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return self.select(args, kwargs, backend).run(*args, **kwargs)
 
 
 def registered_ops() -> Dict[str, Op]:

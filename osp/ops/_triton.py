@@ -1,29 +1,12 @@
 """Whether the Triton backend can run a call, without importing triton until a kernel runs."""
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from typing import Optional
 
 import torch
 
+from .._utils import interpreting, triton_missing
 
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def triton_missing() -> Optional[str]:
-    """None when triton can be imported, else why not."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton, or the osp[triton] extra)"
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # a broken install must cost a fallback, not an import error
-        return f"triton failed to import: {exc}"
-    return None
 
 
 def triton_why_not(x: torch.Tensor, *, forced: bool) -> Optional[str]:

@@ -33,22 +33,24 @@ bench/bench_attention.py times triton, SDPA and flash-attn on the model's shapes
 this order is to be checked on a GPU.
 
 The float64 reference ``attention_reference`` is the ground truth the tests compare against.
+
+Dtypes follow F.scaled_dot_product_attention: q, k and v share one dtype (else ValueError); under
+torch.autocast (its lower-precision list on CPU and CUDA) they are cast to the autocast dtype,
+which the output has.
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .._utils import FLOAT_DTYPES, optional_module
 from ._dispatch import Backend, Op
+from ._dtypes import check_same_dtype, lower_precision
 from ._triton import triton_why_not
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_TRITON_HEAD_DIM = 256
 MAX_FLASH_HEAD_DIM = 256
 
@@ -61,10 +63,9 @@ def _check(q, k, v, key_padding_mask, scale) -> None:
             raise ValueError(
                 f"attention: {name} has shape {tuple(t.shape)} (rank {t.dim()}); expected (B, H, L, D), rank 4"
             )
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"attention: {name} has dtype {t.dtype}; expected one of float32, float16, bfloat16, float64")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"attention: q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; expected one dtype")
+    check_same_dtype("attention", "q", q, k=k, v=v)
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"attention: q, k, v are on {q.device}, {k.device}, {v.device}; expected one device")
     B, H, _, D = q.shape
@@ -186,19 +187,8 @@ def _triton_why_not(q, k, v, key_padding_mask, scale, *, forced):
 
 # --- flash_attn ----------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _optional_module(name: str, pip_name: str, extra: str):
-    """(module, None) when ``name`` imports, else (None, why not)."""
-    if importlib.util.find_spec(name.split(".")[0]) is None:
-        return None, f"{pip_name} is not installed (pip install {pip_name}, or the osp[{extra}] extra)"
-    try:
-        return importlib.import_module(name), None
-    except Exception as exc:  # a broken install (ABI mismatch with torch) costs a fallback
-        return None, f"{pip_name} failed to import: {type(exc).__name__}: {exc}"
-
-
 def _flash_attn():
-    return _optional_module("flash_attn", "flash-attn", "flash-attn")
+    return optional_module("flash_attn", "flash-attn", "flash-attn")
 
 
 def flash_varlen_inputs(q, k, v, key_padding_mask):
@@ -251,7 +241,7 @@ def _flash_why_not(q, k, v, key_padding_mask, scale, *, forced):
 # --- xformers ------------------------------------------------------------------------------------
 
 def _xformers():
-    return _optional_module("xformers.ops", "xformers", "xformers")
+    return optional_module("xformers.ops", "xformers", "xformers")
 
 
 def xformers_bias(key_padding_mask: torch.Tensor, H: int, Lq: int, dtype: torch.dtype) -> torch.Tensor:
@@ -309,6 +299,7 @@ ATTENTION = Op(
         Backend("torch", _torch_run, _torch_why_not),
     ],
     probe=_probe,
+    autocast=lower_precision,
 )
 
 
@@ -321,7 +312,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         q: (B, H, Lq, D) queries. Any strides (a slice of a packed qkv projection is fine).
         k, v: (B, H, Lk, D) keys and values, Lk >= 1, same dtype and device as q.
             float32, float16, bfloat16 (softmax statistics and accumulation in fp32) or float64
-            (torch backend).
+            (torch backend). Under torch.autocast q, k, v are cast to the autocast dtype.
         key_padding_mask: optional (B, Lk) bool, True = attend to this key, False = padding.
             A batch whose row is all False attends to nothing: its output rows are zeros and the
             gradients through them are zero (not NaN).
@@ -330,7 +321,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             docstring, osp.ops.use_backend, OSP_BACKEND).
 
     Returns:
-        (B, H, Lq, D) in q's dtype (its strides depend on the backend). Differentiable in q, k, v.
+        (B, H, Lq, D) in q's dtype, the autocast dtype under autocast (its strides depend on the
+        backend). Differentiable in q, k, v.
     """
+    q, k, v = ATTENTION.autocast(q, k, v)
     _check(q, k, v, key_padding_mask, scale)
     return ATTENTION.dispatch((q, k, v, key_padding_mask, scale), {}, backend)

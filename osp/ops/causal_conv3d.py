@@ -15,6 +15,9 @@ the first frames: no padded copy of the whole input; with history, one F.conv3d 
 cat([history, x])). The triton backend runs history= forward-only (its backward kernels know the
 replicated head only): when a gradient is wanted it declines and the torch backend runs. The float64 reference
 ``causal_conv3d_reference`` (replicate + F.conv3d) is the ground truth the tests compare against.
+
+Dtypes follow F.conv3d: x, weight, bias, residual and history share one dtype (else ValueError);
+under torch.autocast all of them (but float64) are cast to the autocast dtype, which the output has.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .._utils import FLOAT_DTYPES, memory_format_of
 from ._dispatch import Backend, Op
+from ._dtypes import check_same_dtype, lower_precision
 from ._triton import triton_why_not
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 IntOr3 = Union[int, Sequence[int]]
 IntOr2 = Union[int, Sequence[int]]
 
@@ -69,7 +73,7 @@ def _check(x, weight, bias, stride, padding, residual, history=None):
         raise ValueError(f"causal_conv3d: x must be a tensor, got {type(x).__name__}")
     if x.dim() != 5:
         raise ValueError(f"causal_conv3d: x has shape {tuple(x.shape)} (rank {x.dim()}); expected (N, Cin, T, H, W), rank 5")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"causal_conv3d: x has dtype {x.dtype}; expected one of float32, float16, bfloat16, float64")
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"causal_conv3d: weight must be a tensor, got {type(weight).__name__}")
@@ -78,7 +82,7 @@ def _check(x, weight, bias, stride, padding, residual, history=None):
             f"causal_conv3d: weight has shape {tuple(weight.shape)} (rank {weight.dim()}); "
             "expected (Cout, Cin, kt, kh, kw), rank 5"
         )
-    if weight.dtype not in _FLOAT_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"causal_conv3d: weight has dtype {weight.dtype}; expected a floating dtype")
     if weight.device != x.device:
         raise ValueError(f"causal_conv3d: weight is on {weight.device} but x is on {x.device}")
@@ -93,7 +97,7 @@ def _check(x, weight, bias, stride, padding, residual, history=None):
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (Cout,):
             shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"causal_conv3d: bias has shape {shape}; expected ({Cout},) for Cout={Cout}")
-        if bias.dtype not in _FLOAT_DTYPES:
+        if bias.dtype not in FLOAT_DTYPES:
             raise ValueError(f"causal_conv3d: bias has dtype {bias.dtype}; expected a floating dtype")
         if bias.device != x.device:
             raise ValueError(f"causal_conv3d: bias is on {bias.device} but x is on {x.device}")
@@ -110,12 +114,13 @@ def _check(x, weight, bias, stride, padding, residual, history=None):
         if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != out:
             shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
             raise ValueError(f"causal_conv3d: residual has shape {shape}; expected the output's shape {out}")
-        if residual.dtype not in _FLOAT_DTYPES:
+        if residual.dtype not in FLOAT_DTYPES:
             raise ValueError(f"causal_conv3d: residual has dtype {residual.dtype}; expected a floating dtype")
         if residual.device != x.device:
             raise ValueError(f"causal_conv3d: residual is on {residual.device} but x is on {x.device}")
     if history is not None:
         _check_history(x, weight, stride, history)
+    check_same_dtype("causal_conv3d", "x", x, weight=weight, bias=bias, residual=residual, history=history)
     return stride, padding
 
 
@@ -140,17 +145,10 @@ def _check_history(x, weight, stride, history):
             f"causal_conv3d: history has shape {tuple(history.shape)}; expected (N, Cin, kt-1, H, W) = {expected} "
             f"for x {tuple(x.shape)} and kt={kt}"
         )
-    if history.dtype not in _FLOAT_DTYPES:
+    if history.dtype not in FLOAT_DTYPES:
         raise ValueError(f"causal_conv3d: history has dtype {history.dtype}; expected a floating dtype")
     if history.device != x.device:
         raise ValueError(f"causal_conv3d: history is on {history.device} but x is on {x.device}")
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last_3d when x is stored that way (and not also plain contiguous), else contiguous."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def causal_conv3d_reference(x, weight, bias=None, *, stride=1, padding=0, residual=None,
@@ -183,24 +181,26 @@ def _torch_run(x, weight, bias, stride, padding, residual, history=None):
     st = stride[0]
     T = x.shape[2]
     T_out = (T - 1) // st + 1
-    w = weight.to(x.dtype)
-    b = bias.to(x.dtype) if bias is not None else None
     fmt = memory_format_of(x)
     if history is not None:  # streaming: the previous chunk's frames stand in front, no replication
-        xin = torch.cat([history.to(x.dtype), x], dim=2).contiguous(memory_format=fmt)
-        y = _conv3d(xin, w, b, stride, (0,) + padding).contiguous(memory_format=fmt)  # CPU fp16 drops it
+        xin = torch.cat([history, x], dim=2).contiguous(memory_format=fmt)
+        y = _conv3d(xin, weight, bias, stride, (0,) + padding).contiguous(memory_format=fmt)  # CPU fp16 drops it
         return y if residual is None else y.add_(residual)
     # Output frames t < t_head have windows reaching before frame 0 (t*st < kt-1); only they need
     # replicated frames, and only input frames <= (t_head-1)*st, so the head copy is a few frames.
     t_head = min(-(-(kt - 1) // st), T_out)
+    # With two convs the bias is added once, after them: its gradient is then one reduction of dy,
+    # as in F.conv3d, not the sum of two halves each rounded to a 16-bit dtype.
+    two_parts = 0 < t_head < T_out
+    conv_bias = None if two_parts else bias
     parts = []
     if t_head > 0:
         head_in = x[:, :, : (t_head - 1) * st + 1]
         head = torch.cat([head_in[:, :, :1].expand(-1, -1, kt - 1, -1, -1), head_in], dim=2)
-        parts.append(_conv3d(head.contiguous(memory_format=fmt), w, b, stride, (0,) + padding))
+        parts.append(_conv3d(head.contiguous(memory_format=fmt), weight, conv_bias, stride, (0,) + padding))
     if t_head < T_out:
         # The remaining windows lie inside the clip: start at the first frame output t_head reads.
-        parts.append(_conv3d(x[:, :, t_head * st - (kt - 1):], w, b, stride, (0,) + padding))
+        parts.append(_conv3d(x[:, :, t_head * st - (kt - 1):], weight, conv_bias, stride, (0,) + padding))
     if len(parts) == 1 and parts[0].is_contiguous(memory_format=fmt):
         y = parts[0]
     else:
@@ -210,8 +210,11 @@ def _torch_run(x, weight, bias, stride, padding, residual, history=None):
         for p in parts:
             y[:, :, t:t + p.shape[2]] = p
             t += p.shape[2]
+    # y is a fresh intermediate that no backward saves: adding in place is safe.
+    if two_parts and bias is not None:
+        y = y.add_(bias.view(1, -1, 1, 1, 1))
     if residual is not None:
-        y = y.add_(residual)  # y is a fresh intermediate that no backward saves: in place is safe
+        y = y.add_(residual)
     return y
 
 
@@ -228,8 +231,6 @@ class _CausalConv3d(torch.autograd.Function):
         y = kernel.forward(x, weight, bias, stride, padding, residual, out_shape)
         ctx.save_for_backward(x, weight)
         ctx.stride, ctx.padding = stride, padding
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.residual_dtype = residual.dtype if residual is not None else None
         return y
 
     @staticmethod
@@ -238,12 +239,11 @@ class _CausalConv3d(torch.autograd.Function):
 
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        dy = dy.to(x.dtype)  # the kernels read any strides, so no layout copy is needed
+        # Every input has x's dtype (and so has dy); the kernels read any strides, so no layout copy.
         dx = kernel.backward_dx(dy, weight, x, ctx.stride, ctx.padding) if need_x else None
-        dw = kernel.backward_dw(dy, x, weight.shape, ctx.stride, ctx.padding).to(weight.dtype) if need_w else None
-        db = dy.sum(dim=(0, 2, 3, 4), dtype=torch.float32).to(ctx.bias_dtype) if need_b else None
-        dr = dy.to(ctx.residual_dtype) if need_r else None
-        return dx, dw, db, dr, None, None
+        dw = kernel.backward_dw(dy, x, weight.shape, ctx.stride, ctx.padding).to(x.dtype) if need_w else None
+        db = dy.sum(dim=(0, 2, 3, 4), dtype=torch.float32).to(x.dtype) if need_b else None
+        return dx, dw, db, dy if need_r else None, None, None
 
 
 def _triton_run(x, weight, bias, stride, padding, residual, history=None):
@@ -254,7 +254,7 @@ def _triton_run(x, weight, bias, stride, padding, residual, history=None):
     from osp.kernels import causal_conv3d as kernel
 
     kt = weight.shape[2]
-    xin = torch.cat([history.to(x.dtype), x], dim=2).contiguous(memory_format=memory_format_of(x))
+    xin = torch.cat([history, x], dim=2).contiguous(memory_format=memory_format_of(x))
     out_shape = output_shape(x.shape, weight.shape, stride, padding)
     return kernel.forward(xin, weight, bias, stride, padding, residual, out_shape, t0=kt - 1)
 
@@ -280,6 +280,7 @@ CAUSAL_CONV3D = Op(
     probe=lambda device, dtype: ((torch.randn(1, 8, 5, 8, 8, device=device, dtype=dtype),
                                   torch.randn(8, 8, 3, 3, 3, device=device, dtype=dtype), None,
                                   (1, 1, 1), (1, 1), None, None), {}),
+    autocast=lower_precision,
 )
 
 
@@ -297,20 +298,24 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Args:
         x: (N, Cin, T, H, W), NCDHW-contiguous or channels_last_3d (any strides are accepted).
             float32, float16, bfloat16 (fp32 accumulation) or float64 (torch backend).
-        weight: (Cout, Cin, kt, kh, kw); cast to x's dtype.
-        bias: optional (Cout,).
+        weight: (Cout, Cin, kt, kh, kw), x's dtype (as F.conv3d: under torch.autocast every input
+            is cast to the autocast dtype; outside it mixed dtypes are a ValueError).
+        bias: optional (Cout,), x's dtype.
         stride: int or (st, sh, sw).
         padding: spatial zero padding, int or (ph, pw). Time is never zero-padded.
-        residual: optional tensor of the output's shape added after the bias (a ResNet shortcut).
-        history: optional (N, Cin, kt-1, H, W), the kt-1 input frames just before x (same device,
-            floating, cast to x's dtype); they replace the replicated frame 0. Needs kt > 1 and
-            temporal stride 1. Forward-only on the triton backend: with a gradient wanted, automatic
-            choice runs torch (and forcing triton raises BackendUnavailable).
+        residual: optional tensor of the output's shape and x's dtype, added after the bias (a ResNet
+            shortcut); under autocast it is cast too, so the output stays in the autocast dtype.
+        history: optional (N, Cin, kt-1, H, W), the kt-1 input frames just before x (x's device
+            and dtype); they replace the replicated frame 0. Needs kt > 1 and temporal stride 1.
+            Forward-only on the triton backend: with a gradient wanted, automatic choice runs torch
+            (and forcing triton raises BackendUnavailable).
         backend: force "triton" or "torch"; None chooses (see osp.ops.use_backend, OSP_BACKEND).
 
     Returns:
-        (N, Cout, (T-1)//st + 1, (H+2ph-kh)//sh + 1, (W+2pw-kw)//sw + 1) in x's dtype and memory
-        format (T_out = T with history). Differentiable in x, weight, bias, residual and history.
+        (N, Cout, (T-1)//st + 1, (H+2ph-kh)//sh + 1, (W+2pw-kw)//sw + 1) in x's dtype (the autocast
+        dtype under autocast) and memory format (T_out = T with history). Differentiable in x,
+        weight, bias, residual and history.
     """
+    x, weight, bias, residual, history = CAUSAL_CONV3D.autocast(x, weight, bias, residual, history)
     stride, padding = _check(x, weight, bias, stride, padding, residual, history)
     return CAUSAL_CONV3D.dispatch((x, weight, bias, stride, padding, residual, history), {}, backend)

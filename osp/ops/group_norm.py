@@ -1,8 +1,15 @@
-"""GroupNorm with a fused activation: ``act(group_norm(x))``.
+"""GroupNorm with a fused activation: ``act(group_norm(x))``, and the same with given statistics.
 
-Backends, in automatic order: ``triton`` (kernels/group_norm.py, CUDA; CPU only through the
-interpreter when forced), ``torch`` (F.group_norm then the activation, eager). The float64
-reference ``group_norm_reference`` is the ground truth the tests compare against.
+``group_norm``: backends, in automatic order: ``triton`` (kernels/group_norm.py, CUDA; CPU only
+through the interpreter when forced), ``torch`` (F.group_norm then the activation, eager).
+``group_norm_fixed_stats`` normalizes with statistics passed in instead of the input's own (tiled
+VAE inference normalizes every tile with the statistics of the whole video); one backend,
+``torch`` (elementwise in fp32). The float64 references ``group_norm_reference`` and
+``group_norm_fixed_stats_reference`` are the ground truth the tests compare against.
+
+Dtypes follow F.group_norm: weight and bias have x's dtype, or float32 next to a float16/bfloat16
+x; the output has x's dtype and statistics are fp32. Under CUDA autocast (torch's float32 list)
+the inputs are cast to float32 and so is the output; CPU autocast leaves group_norm alone.
 """
 from __future__ import annotations
 
@@ -11,41 +18,57 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._utils import ACTIVATIONS, FLOAT_DTYPES
 from ._dispatch import Backend, Op
+from ._dtypes import check_param_dtype, float32_except_cpu
 from ._triton import triton_why_not
 
-ACTIVATIONS = (None, "silu")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-
-def _check(x, num_groups, weight, bias, eps, act) -> None:
+def _check(x, num_groups, weight, bias, act, fn="group_norm") -> None:
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"group_norm: x must be a tensor, got {type(x).__name__}")
+        raise ValueError(f"{fn}: x must be a tensor, got {type(x).__name__}")
     if not 3 <= x.dim() <= 5:
         raise ValueError(
-            f"group_norm: x has shape {tuple(x.shape)} (rank {x.dim()}); expected (N, C, *spatial) with 1 to 3 spatial dims"
+            f"{fn}: x has shape {tuple(x.shape)} (rank {x.dim()}); expected (N, C, *spatial) with 1 to 3 spatial dims"
         )
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"group_norm: x has dtype {x.dtype}; expected one of float32, float16, bfloat16, float64")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{fn}: x has dtype {x.dtype}; expected one of float32, float16, bfloat16, float64")
     C = x.shape[1]
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0:
-        raise ValueError(f"group_norm: num_groups={num_groups!r}; expected a positive int")
+        raise ValueError(f"{fn}: num_groups={num_groups!r}; expected a positive int")
     if C % num_groups:
-        raise ValueError(f"group_norm: channels C={C} are not divisible by num_groups={num_groups}")
+        raise ValueError(f"{fn}: channels C={C} are not divisible by num_groups={num_groups}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
         if not isinstance(p, torch.Tensor) or tuple(p.shape) != (C,):
             shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
-            raise ValueError(f"group_norm: {name} has shape {shape}; expected ({C},) for C={C} channels")
-        if p.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"group_norm: {name} has dtype {p.dtype}; expected a floating dtype")
+            raise ValueError(f"{fn}: {name} has shape {shape}; expected ({C},) for C={C} channels")
+        if p.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{fn}: {name} has dtype {p.dtype}; expected a floating dtype")
         if p.device != x.device:
-            raise ValueError(f"group_norm: {name} is on {p.device} but x is on {x.device}")
+            raise ValueError(f"{fn}: {name} is on {p.device} but x is on {x.device}")
+    check_param_dtype(fn, x, weight=weight, bias=bias)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{fn}: act={act!r}; expected one of {ACTIVATIONS}")
+
+
+def _check_eps(eps) -> None:
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"group_norm: eps={eps!r}; expected a positive float")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"group_norm: act={act!r}; expected one of {ACTIVATIONS}")
+
+
+def _check_stats(x, num_groups, mean, rstd) -> None:
+    expected = (x.shape[0], num_groups)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"group_norm_fixed_stats: {name} has shape {shape}; expected (N, G) = {expected} "
+                             f"for x {tuple(x.shape)} and num_groups={num_groups}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"group_norm_fixed_stats: {name} has dtype {t.dtype}; expected a floating dtype")
+        if t.device != x.device:
+            raise ValueError(f"group_norm_fixed_stats: {name} is on {t.device} but x is on {x.device}")
 
 
 def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-6, act=None) -> torch.Tensor:
@@ -65,9 +88,11 @@ def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-6, act=No
 
 
 def _torch_run(x, num_groups, weight, bias, eps, act):
-    w = weight.to(x.dtype) if weight is not None else None
-    b = bias.to(x.dtype) if bias is not None else None
-    y = F.group_norm(x, num_groups, w, b, eps)
+    if x.device.type != "cpu":  # F.group_norm's CPU kernel takes fp32 parameters next to a 16-bit x;
+        # the CUDA one reads them in x's dtype.
+        weight = weight.to(x.dtype) if weight is not None else None
+        bias = bias.to(x.dtype) if bias is not None else None
+    y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if act == "silu" else y
 
 
@@ -126,6 +151,7 @@ GROUP_NORM = Op(
         Backend("torch", _torch_run, _torch_why_not),
     ],
     probe=lambda device, dtype: ((torch.randn(1, 64, 5, 8, 8, device=device, dtype=dtype), 32, None, None, 1e-6, "silu"), {}),
+    autocast=float32_except_cpu,
 )
 
 
@@ -139,13 +165,86 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
             channels_last(_3d); other strided views are copied once. float32, float16, bfloat16
             (statistics always in fp32) or float64 (torch backend).
         num_groups: G, dividing C. Statistics are per (sample, group) over C/G x spatial elements.
-        weight, bias: optional (C,) affine parameters.
+        weight, bias: optional (C,) affine parameters in x's dtype, or float32 next to a float16 or
+            bfloat16 x (as F.group_norm).
         eps: added to the variance.
         act: None or "silu" (x * sigmoid(x)), applied after the affine.
         backend: force "triton" or "torch"; None chooses (see osp.ops.use_backend, OSP_BACKEND).
 
     Returns:
-        act(group_norm(x)) with x's shape, dtype and memory format. Differentiable in x, weight, bias.
+        act(group_norm(x)) with x's shape, dtype and memory format; float32 under CUDA autocast
+        (torch's float32 list), x's dtype under CPU autocast. Differentiable in x, weight, bias.
     """
-    _check(x, num_groups, weight, bias, eps, act)
+    x, weight, bias = GROUP_NORM.autocast(x, weight, bias)
+    _check(x, num_groups, weight, bias, act)
+    _check_eps(eps)
     return GROUP_NORM.dispatch((x, num_groups, weight, bias, eps, act), {}, backend)
+
+
+# ----------------------------------------------------------------------------- fixed statistics
+
+def group_norm_fixed_stats_reference(x, num_groups, mean, rstd, weight=None, bias=None, act=None) -> torch.Tensor:
+    """Ground truth in float64: act((x - mean) * rstd * weight + bias), float64 of x's shape (contiguous)."""
+    N, C = x.shape[:2]
+    xd = x.detach().to(torch.float64).reshape(N, num_groups, -1)
+    y = ((xd - mean.detach().to(torch.float64)[:, :, None]) * rstd.detach().to(torch.float64)[:, :, None]).reshape(N, C, -1)
+    if weight is not None:
+        y = y * weight.detach().to(torch.float64)[None, :, None]
+    if bias is not None:
+        y = y + bias.detach().to(torch.float64)[None, :, None]
+    if act == "silu":
+        y = y * torch.sigmoid(y)
+    return y.reshape(x.shape)
+
+
+def _fixed_torch_run(x, num_groups, mean, rstd, weight, bias, act):
+    # Per-(sample, channel) scale and shift broadcast over the spatial dims: the elementwise ops
+    # keep x's memory format. fp32 arithmetic (float64 for float64 x), as the kernels would.
+    N, C = x.shape[:2]
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    per_channel = (N, C) + (1,) * (x.dim() - 2)
+    scale = rstd.to(ct).repeat_interleave(C // num_groups, dim=1)
+    if weight is not None:
+        scale = scale * weight.to(ct)
+    y = (x.to(ct) - mean.to(ct).repeat_interleave(C // num_groups, dim=1).view(per_channel)) * scale.view(per_channel)
+    if bias is not None:
+        y = y + bias.to(ct).view(per_channel[1:])
+    if act == "silu":
+        y = F.silu(y, inplace=not y.requires_grad)  # in place when nothing is recorded (tiled inference)
+    return y.to(x.dtype)
+
+
+GROUP_NORM_FIXED_STATS = Op(
+    "group_norm_fixed_stats",
+    [Backend("torch", _fixed_torch_run, lambda *a, forced: None)],
+    probe=lambda device, dtype: ((torch.randn(1, 64, 5, 8, 8, device=device, dtype=dtype), 32,
+                                  torch.randn(1, 32, device=device), torch.rand(1, 32, device=device) + 0.5,
+                                  None, None, "silu"), {}),
+    group="group_norm",
+    autocast=float32_except_cpu,
+)
+
+
+def group_norm_fixed_stats(x: torch.Tensor, num_groups: int, mean: torch.Tensor, rstd: torch.Tensor,
+                           weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
+                           act: Optional[str] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """GroupNorm with given statistics: act((x - mean) * rstd * weight + bias).
+
+    Args:
+        x: (N, C, *spatial) with 1 to 3 spatial dims, any memory format; float32, float16, bfloat16
+            or float64.
+        num_groups: G, dividing C.
+        mean, rstd: (N, G) per (sample, group) mean and 1/std, any floating dtype (applied in fp32,
+            float64 for a float64 x), on x's device.
+        weight, bias: optional (C,), x's dtype or float32 next to a float16/bfloat16 x (as group_norm).
+        act: None or "silu".
+        backend: force "torch" (the only backend); None chooses.
+
+    Returns:
+        x's shape, dtype and memory format (channels_last_3d in, channels_last_3d out); float32 under
+        CUDA autocast, as group_norm. Differentiable in x, mean, rstd, weight and bias.
+    """
+    x, mean, rstd, weight, bias = GROUP_NORM_FIXED_STATS.autocast(x, mean, rstd, weight, bias)
+    _check(x, num_groups, weight, bias, act, fn="group_norm_fixed_stats")
+    _check_stats(x, num_groups, mean, rstd)
+    return GROUP_NORM_FIXED_STATS.dispatch((x, num_groups, mean, rstd, weight, bias, act), {}, backend)

@@ -4,6 +4,12 @@
 ``gated_residual(x, gate, y)`` = x + gate * y, with x, y of shape (B, L, D) and the modulation
 tensors one D-vector per batch entry ((B, D), (B, 1, D)) or one for all ((D,), (1, D), (1, 1, D)).
 Backends: ``triton`` (kernels/modulation.py), ``torch`` (F.layer_norm / torch.addcmul, eager).
+Both ops form the dispatch group ``modulation`` (``OSP_BACKEND=modulation=torch``).
+
+Dtypes: layer_norm_modulate follows F.layer_norm (shift and scale in x's dtype, or float32 next to
+a float16/bfloat16 x; output in x's dtype, statistics fp32; float32 under CUDA autocast, untouched
+by CPU autocast). gated_residual follows ``x + gate * y``: the output dtype is the promotion of
+the three inputs' dtypes, and autocast does not touch it.
 """
 from __future__ import annotations
 
@@ -12,17 +18,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._utils import FLOAT_DTYPES
 from ._dispatch import Backend, Op
+from ._dtypes import check_param_dtype, float32_except_cpu
 from ._triton import triton_why_not
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_x(fn: str, name: str, x) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{fn}: {name} has shape {shape}; expected (B, L, D)")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{fn}: {name} has dtype {x.dtype}; expected float32, float16, bfloat16 or float64")
 
 
@@ -36,7 +42,7 @@ def _check_mod(fn: str, name: str, m, x: torch.Tensor) -> None:
     if not ok:
         raise ValueError(f"{fn}: {name} has shape {tuple(m.shape)}; expected ({B}, {D}), ({B}, 1, {D}) "
                          f"or one row for all: ({D},), (1, {D}), (1, 1, {D})")
-    if m.dtype not in _DTYPES:
+    if m.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{fn}: {name} has dtype {m.dtype}; expected a floating dtype")
     if m.device != x.device:
         raise ValueError(f"{fn}: {name} is on {m.device} but x is on {x.device}")
@@ -115,6 +121,8 @@ LAYER_NORM_MODULATE = Op(
     probe=lambda device, dtype: ((torch.randn(2, 16, 72, device=device, dtype=dtype),
                                   torch.randn(2, 72, device=device, dtype=dtype),
                                   torch.randn(2, 72, device=device, dtype=dtype), 1e-6), {}),
+    group="modulation",
+    autocast=float32_except_cpu,
 )
 
 
@@ -124,18 +132,21 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 
     Args:
         x: (B, L, D) tokens (rows must be contiguous in D; other layouts are copied once).
-        shift, scale: (B, D) or (B, 1, D) per batch entry, or (D,), (1, D), (1, 1, D) for all.
+        shift, scale: (B, D) or (B, 1, D) per batch entry, or (D,), (1, D), (1, 1, D) for all; x's
+            dtype, or float32 next to a float16/bfloat16 x (as F.layer_norm's weight and bias).
         eps: added to the variance (1e-6 in Latte / PixArt).
         backend: force "triton" or "torch".
 
     Returns:
-        (B, L, D) contiguous, x's dtype: (x - mean) / sqrt(var + eps) * (1 + scale) + shift.
-        Differentiable in x, shift and scale.
+        (B, L, D) contiguous, x's dtype (float32 under CUDA autocast, as F.layer_norm):
+        (x - mean) / sqrt(var + eps) * (1 + scale) + shift. Differentiable in x, shift and scale.
     """
     fn = "layer_norm_modulate"
+    x, shift, scale = LAYER_NORM_MODULATE.autocast(x, shift, scale)
     _check_x(fn, "x", x)
     _check_mod(fn, "shift", shift, x)
     _check_mod(fn, "scale", scale, x)
+    check_param_dtype(fn, x, shift=shift, scale=scale)
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"{fn}: eps={eps!r}; expected a positive float")
     return LAYER_NORM_MODULATE.dispatch((x, shift, scale, eps), {}, backend)
@@ -171,11 +182,12 @@ GATED_RESIDUAL = Op(
     "gated_residual",
     [
         Backend("triton", _GatedResidual.apply, _triton_why_not),
-        Backend("torch", lambda x, gate, y: torch.addcmul(x, _as3(gate).to(x.dtype), y), lambda *a, forced: None),
+        Backend("torch", lambda x, gate, y: torch.addcmul(x, _as3(gate), y), lambda *a, forced: None),
     ],
     probe=lambda device, dtype: ((torch.randn(2, 16, 72, device=device, dtype=dtype),
                                   torch.randn(2, 72, device=device, dtype=dtype),
                                   torch.randn(2, 16, 72, device=device, dtype=dtype)), {}),
+    group="modulation",
 )
 
 
@@ -184,18 +196,20 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *,
     """The gated residual add of an adaLN block: x + gate * y.
 
     Args:
-        x, y: (B, L, D), same shape and dtype.
+        x, y: (B, L, D), same shape and device.
         gate: (B, D) or (B, 1, D) per batch entry, or (D,), (1, D), (1, 1, D) for all.
         backend: force "triton" or "torch".
 
     Returns:
-        (B, L, D) in x's dtype, differentiable in x, gate and y.
+        (B, L, D) in the promoted dtype of x, gate and y (as ``x + gate * y``; autocast does not
+        change it), differentiable in x, gate and y.
     """
     fn = "gated_residual"
     _check_x(fn, "x", x)
     _check_x(fn, "y", y)
-    if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
-        raise ValueError(f"gated_residual: y is {tuple(y.shape)} {y.dtype} on {y.device}; "
-                         f"expected x's {tuple(x.shape)} {x.dtype} on {x.device}")
+    if y.shape != x.shape or y.device != x.device:
+        raise ValueError(f"gated_residual: y is {tuple(y.shape)} on {y.device}; "
+                         f"expected x's {tuple(x.shape)} on {x.device}")
     _check_mod(fn, "gate", gate, x)
-    return GATED_RESIDUAL.dispatch((x, gate, y), {}, backend)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), y.dtype)
+    return GATED_RESIDUAL.dispatch((x.to(dtype), gate.to(dtype), y.to(dtype)), {}, backend)

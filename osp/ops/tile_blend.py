@@ -7,7 +7,12 @@ linearly and every covered position ends as a convex combination of the tiles co
 no per-row Python loops, no concatenation of tiles, no weighted copy of a tile.
 
 Backends of ``blend_tile_``: ``triton`` (kernels/tile_blend.py), ``torch`` (in-place add of the
-weighted tile, one temporary of the tile's size).
+weighted tile, one temporary of the tile's size). ``blend_normalize_`` has one backend, ``torch``:
+``out.div_(wsum)`` is already a single broadcast pass over out, which a kernel could not beat.
+Both ops form the dispatch group ``tile_blend`` (``OSP_BACKEND=tile_blend=torch``).
+
+Dtypes: both write in place in out's dtype (as ``out += ...`` and ``out /= ...`` do; autocast
+does not touch in-place ops); the weights and wsum are float32.
 """
 from __future__ import annotations
 
@@ -15,10 +20,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .._utils import FLOAT_DTYPES
 from ._dispatch import Backend, Op
 from ._triton import triton_why_not
-
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def ramp(n: int, lo: int, hi: int, device=None) -> torch.Tensor:
@@ -45,7 +49,7 @@ def _check(out, wsum, tile, offset, overlap_lo, overlap_hi):
         if not isinstance(t, torch.Tensor) or t.dim() != rank:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"blend_tile_: {name} has shape {shape}; expected rank {rank}")
-        if t.dtype not in _FLOAT:
+        if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"blend_tile_: {name} has dtype {t.dtype}; expected a floating dtype")
     if not out.is_contiguous():
         raise ValueError("blend_tile_: out must be contiguous (it is the preallocated full output)")
@@ -108,7 +112,8 @@ def _probe(device, dtype):
 
 
 BLEND_TILE = Op("blend_tile_", [Backend("triton", _triton_run, _triton_why_not),
-                                Backend("torch", _torch_run, lambda *a, forced: None)], probe=_probe)
+                                Backend("torch", _torch_run, lambda *a, forced: None)], probe=_probe,
+                group="tile_blend")
 
 
 def blend_tile_(out: torch.Tensor, wsum: torch.Tensor, tile: torch.Tensor, offset: Sequence[int],
@@ -128,10 +133,42 @@ def blend_tile_(out: torch.Tensor, wsum: torch.Tensor, tile: torch.Tensor, offse
     BLEND_TILE.dispatch((out, wsum, tile, offset, lo, hi), {}, backend)
 
 
-def blend_normalize_(out: torch.Tensor, wsum: torch.Tensor) -> torch.Tensor:
-    """out /= wsum in place (one pass; positions no tile covered raise a ValueError)."""
+def _check_normalize(out, wsum):
+    for name, t, rank in (("out", out, 5), ("wsum", wsum, 3)):
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"blend_normalize_: {name} has shape {shape}; expected rank {rank}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"blend_normalize_: {name} has dtype {t.dtype}; expected a floating dtype")
     if tuple(wsum.shape) != tuple(out.shape[2:]):
         raise ValueError(f"blend_normalize_: wsum {tuple(wsum.shape)} does not match out's {tuple(out.shape[2:])}")
+    if wsum.device != out.device:
+        raise ValueError(f"blend_normalize_: wsum is on {wsum.device} but out is on {out.device}")
     if not bool((wsum > 0).all()):
         raise ValueError("blend_normalize_: some output positions were covered by no tile (weight sum 0)")
-    return out.div_(wsum.to(out.dtype))
+
+
+BLEND_NORMALIZE = Op(
+    "blend_normalize_",
+    [Backend("torch", lambda out, wsum: out.div_(wsum), lambda *a, forced: None)],
+    probe=lambda device, dtype: ((torch.randn(1, 3, 5, 16, 16, device=device, dtype=dtype),
+                                  torch.rand(5, 16, 16, device=device) + 0.5), {}),
+    group="tile_blend",
+)
+
+
+def blend_normalize_(out: torch.Tensor, wsum: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """out /= wsum in place, finishing a tiled reconstruction.
+
+    Args:
+        out: (B, C, T, H, W) accumulator that ``blend_tile_`` filled, any float dtype.
+        wsum: (T, H, W) weight sum (float32 from ``blend_tile_``; any float dtype), > 0 everywhere:
+            a position no tile covered is a ValueError.
+        backend: force "torch" (the only backend).
+
+    Returns:
+        out itself, divided in the promoted dtype of out and wsum (fp32 for a 16-bit out) and stored
+        in out's dtype.
+    """
+    _check_normalize(out, wsum)
+    return BLEND_NORMALIZE.dispatch((out, wsum), {}, backend)

@@ -1,0 +1,68 @@
+"""Torch-only helpers below both osp.ops and the Triton kernels (osp.kernels).
+
+Nothing here imports triton or any other part of osp, so the ops and the kernels can both import
+it without a cycle: whether Triton runs in its CPU interpreter, memory formats, optional imports,
+the floating dtypes and activations the ops accept, and the autocast state of a device.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Optional, Tuple
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+"""The dtypes every op accepts for its floating tensors."""
+
+ACTIVATIONS = (None, "silu")
+"""The activations group_norm fuses (None = identity); a kernel's activation code is the index here."""
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d when x is stored that way (and not also plain contiguous), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@functools.lru_cache(maxsize=None)
+def optional_module(name: str, pip_name: str, extra: str) -> Tuple[Optional[ModuleType], Optional[str]]:
+    """(module, None) when ``name`` imports, else (None, why not): a missing optional part costs a
+    fallback with a reason, never an ImportError."""
+    if importlib.util.find_spec(name.split(".")[0]) is None:
+        return None, f"{pip_name} is not installed (pip install {pip_name}, or the osp[{extra}] extra)"
+    try:
+        return importlib.import_module(name), None
+    except Exception as exc:  # a broken install (ABI mismatch with torch) costs a fallback
+        return None, f"{pip_name} failed to import: {type(exc).__name__}: {exc}"
+
+
+def triton_missing() -> Optional[str]:
+    """None when triton can be imported, else why not."""
+    return optional_module("triton", "triton", "triton")[1]
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` casts to on ``device_type`` ("cpu", "cuda"), or None when
+    autocast is off there (or the device type has no autocast)."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: no device argument, one function per device type
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
