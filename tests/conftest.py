@@ -51,17 +51,3 @@ def nan_poisoned_allocations(monkeypatch):
 def device():
     return DEVICE
 
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: a CPU-expensive repeat of a case the suite already covers in a cheaper form; runs on a "
-                   "GPU (make gpu-check) or with OSP_SLOW_TESTS=1, skipped on CPU to keep CI within minutes")
-
-
-def pytest_collection_modifyitems(config, items):
-    if DEVICE == "cuda" or os.environ.get("OSP_SLOW_TESTS") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow on CPU: runs in make gpu-check or with OSP_SLOW_TESTS=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

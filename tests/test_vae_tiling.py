@@ -138,7 +138,7 @@ def test_global_statistics_match_untiled_first_norm(monkeypatch):
 # --- stream accuracy --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tile_frames", [pytest.param(None, marks=pytest.mark.slow), 5], ids=["spatial", "spatial+temporal"])
+@pytest.mark.parametrize("tile_frames", [None, 5], ids=["spatial", "spatial+temporal"])
 def test_stream_decode_close_and_global_beats_tile(model_and_ref, tile_frames):
     vae, z, ref = model_and_ref
     got = {}
@@ -219,8 +219,7 @@ def test_plan_work_is_the_least_recomputation():
 # --- exact temporal streaming -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tf", [pytest.param(5, marks=pytest.mark.slow), pytest.param(9, marks=pytest.mark.slow), 13],
-                         ids=["tf5", "tf9", "tf13-uneven"])
+@pytest.mark.parametrize("tf", [5, 9, 13], ids=["tf5", "tf9", "tf13-uneven"])
 @pytest.mark.parametrize("attention", ["AttnBlock3D", "AttnBlock3DFix"])
 def test_temporal_chunking_is_exact(attention, tf):
     """Time chunks with causal history, the mid-block attention over the whole clip and global
