@@ -56,6 +56,8 @@ class Case:
     ``flops`` is None for ops without arithmetic worth a rate (normalizations, copies).
     ``grad_to_none`` lists tensors whose ``.grad`` is reset before every timed call.
     ``data``: measurements beyond the timing (e.g. peak memory), stored in the row under "data".
+    ``skip``: why the case cannot run here (a missing package); its row says "skipped" with this
+    reason, times nothing and is no failure.
     """
 
     op: str
@@ -72,6 +74,7 @@ class Case:
     grad_to_none: List[torch.Tensor] = field(default_factory=list)
     note: str = ""
     data: Dict[str, object] = field(default_factory=dict)
+    skip: str = ""
 
 
 INTERPRETER_NOTE = "Triton interpreter: checks correctness, its timings are not speed"
@@ -330,6 +333,12 @@ def run_cases(cases: Iterable[Case], device: str, peaks: Dict[str, float],
         }
         if case.data:
             row["data"] = case.data
+        if case.skip:
+            row.update(skipped=case.skip, **env)
+            row.update(peaks)
+            rows.append(row)
+            print(f"  {case.op} {case.shape} {case.backend} {case.mode}: skipped: {case.skip}", file=sys.stderr, flush=True)
+            continue
         try:
             ms, lo, hi = time_ms(case.run, device, case.grad_to_none)
             gbps = case.bytes / ms / 1e6
@@ -386,7 +395,8 @@ def markdown_table(rows: Sequence[Dict[str, object]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "ms" not in r:
-            cells = ["error", "-", "-", "-", "-", r["error"]]
+            cells = (["skipped", "-", "-", "-", "-", r["skipped"]] if "skipped" in r
+                     else ["error", "-", "-", "-", "-", r["error"]])
         else:
             s = r.get("speedup")
             speedup = "-" if s is None else f"{s:.2f}x" if s >= 0.1 else f"{s:.2g}x"

@@ -104,3 +104,67 @@ def test_cpu_copy_buffer_streams_past_the_cache():
     assert harness.cpu_copy_bytes(4 << 20) == 256 << 20
     assert harness.cpu_copy_bytes(None) == 512 << 20
     assert harness.cpu_copy_bytes(480 << 20, available=1 << 30) == 256 << 20
+
+
+# --- bench/bench_sampling.py: the CFG step and end-to-end sampling suite --------------------------------
+
+
+def test_sampling_prompt_has_k_tokens_after_cleaning():
+    from osp.models import TinyTextEncoder
+    from osp.pipelines import preprocess_captions
+
+    from bench import bench_sampling
+
+    enc = TinyTextEncoder(out_channels=8, width=8, layers=1, heads=2)
+    for k in (24, 120):
+        caption = preprocess_captions([bench_sampling.prompt_of(k)])
+        assert int(enc.tokenize(caption, max_length=300)[1].sum()) == k
+
+
+def test_sampling_cases_build_and_one_of_each_runs(monkeypatch):
+    """The CPU case list builds (the fresh-process peak stubbed out: the next test runs it); the step
+    row and the end-to-end row time osp against the upstream-style path, which samples the same video."""
+    pytest.importorskip("diffusers")
+    from bench import bench_sampling
+
+    peaks_asked = []
+    monkeypatch.setattr(bench_sampling, "peak_rss_in_subprocess",
+                        lambda module, side, threads: peaks_asked.append(side) or 10.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = bench_sampling.cases("cpu", quick=True)
+        step = next(c for c in cases if c.op == "t2v_cfg_step" and c.backend == "auto")
+        sample = next(c for c in cases if c.op == "t2v_sample")
+        assert {c.backend for c in cases if c.op == "t2v_cfg_step"} >= {"auto", "torch"}
+        assert sorted(peaks_asked) == ["osp", "upstream"]
+        # the same video from the same weights, noise and prompt (uint8 truncation may differ by one)
+        assert sample.data["video_max_abs_diff"] <= 1 and sample.data["model_calls"] == 13
+        assert sample.data["k"] == bench_sampling.CPU_STEPS[0]["k"]
+        assert step.data["max_abs_diff_vs_twin"] <= 1e-4 * max(1.0, step.data["ref_abs_max"])
+        peaks = dict(copy_gbps=10.0, copy_bytes=1 << 30, llc_bytes=1 << 20, matmul_tflops=0.1)
+        rows = harness.run_cases([step, sample], "cpu", peaks, {})
+    finally:
+        torch.set_num_threads(threads)
+    for row in rows:
+        assert "error" not in row, row
+        assert row["ms"] > 0 and row["baseline_ms"] > 0 and row["speedup"] > 0 and row["tflops"] > 0
+    assert rows[1]["data"]["peak_ratio"] == 1.0 and "(1.00x)" in rows[1]["note"]
+
+
+def test_sampling_peak_runs_in_a_fresh_process():
+    pytest.importorskip("diffusers")
+    from bench import bench_sampling
+
+    assert bench_sampling.peak_rss_in_subprocess("bench.bench_sampling", "osp", "1") > 0
+
+
+def test_sampling_without_diffusers_is_skipped_rows_not_errors(monkeypatch):
+    from bench import bench_sampling
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    cases = bench_sampling.cases("cpu", quick=False)
+    assert {c.op for c in cases} == {"t2v_cfg_step", "t2v_sample"}
+    rows = harness.run_cases(cases, "cpu", dict(copy_gbps=1.0, copy_bytes=1, llc_bytes=1, matmul_tflops=1.0), {})
+    assert all("error" not in r and "diffusers" in r["skipped"] for r in rows)
+    assert "| skipped |" in harness.markdown_table(rows)
