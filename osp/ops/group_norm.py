@@ -73,18 +73,10 @@ def _check_stats(x, num_groups, mean, rstd) -> None:
 
 def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-6, act=None) -> torch.Tensor:
     """Ground truth in float64: returns a float64 tensor of x's shape (contiguous)."""
-    N, C = x.shape[:2]
-    xd = x.detach().to(torch.float64).reshape(N, num_groups, -1)
-    mean = xd.mean(-1, keepdim=True)
-    var = ((xd - mean) ** 2).mean(-1, keepdim=True)
-    y = ((xd - mean) / torch.sqrt(var + eps)).reshape(N, C, -1)
-    if weight is not None:
-        y = y * weight.detach().to(torch.float64)[None, :, None]
-    if bias is not None:
-        y = y + bias.detach().to(torch.float64)[None, :, None]
-    if act == "silu":
-        y = y * torch.sigmoid(y)
-    return y.reshape(x.shape)
+    xd = x.detach().to(torch.float64).reshape(x.shape[0], num_groups, -1)
+    mean = xd.mean(-1)
+    var = ((xd - mean[:, :, None]) ** 2).mean(-1)
+    return group_norm_fixed_stats_reference(x, num_groups, mean, torch.rsqrt(var + eps), weight, bias, act)
 
 
 def _torch_run(x, num_groups, weight, bias, eps, act):
