@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -66,3 +66,19 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         return None
     except RuntimeError:  # a device type autocast does not know (meta)
         return None
+
+
+def lazy_exports(package: str, exports: Dict[str, str]) -> Tuple[Callable[[str], object], Callable[[], list]]:
+    """``(__getattr__, __dir__)`` for a package whose names ``exports`` maps to the submodule (relative
+    name, e.g. ".vae") that defines them: the submodule is imported on first access, so importing the
+    package stays cheap and needs none of its submodules' dependencies."""
+
+    def __getattr__(name: str):
+        if name in exports:
+            return getattr(importlib.import_module(exports[name], package), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list:
+        return sorted(set(vars(importlib.import_module(package))) | set(exports))
+
+    return __getattr__, __dir__

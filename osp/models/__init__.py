@@ -1,9 +1,10 @@
-"""Models (need diffusers): ``CausalVideoVAE`` (osp.models.vae).
+"""Models (need diffusers): ``CausalVideoVAE`` (vae/), ``LatteT2V``, ``LatteClass``, ``Latte`` (dit/), the
+text encoders (text/), and what they share (modeling.py).
 
 Submodules are imported on first use, so ``import osp.models`` stays cheap and ``import osp`` /
 ``osp.ops`` never need diffusers.
 """
-import importlib
+from .._utils import lazy_exports
 
 _EXPORTS = {"CausalVideoVAE": ".vae", "DiagonalGaussianDistribution": ".vae"}
 _EXPORTS.update({"LatteT2V": ".dit", "LatteClass": ".dit", "Latte": ".dit", "LATTE_T2V_XL_122": ".dit"})
@@ -11,13 +12,4 @@ _EXPORTS.update({"T5TextEncoder": ".text", "TinyTextEncoder": ".text", "TextEmbe
                  "CachedTextEncoder": ".text"})
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,7 +4,7 @@ models, diffusers conventions) and the samplers ``osp sample --sample_method`` o
 Submodules are imported on first use: ``osp.pipelines.schedulers`` (the sampler names) is cheap,
 the pipeline itself needs diffusers.
 """
-import importlib
+from .._utils import lazy_exports
 
 _EXPORTS = {
     "TextToVideoPipeline": ".text_to_video", "TextToVideoPipelineOutput": ".text_to_video",
@@ -16,13 +16,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
