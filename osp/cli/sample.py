@@ -42,11 +42,14 @@ def register(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--model_path", default="LanguageBind/Open-Sora-Plan-v1.0.0",
                    help="local folder of upstream's release, holding vae/ and the version folders")
-    p.add_argument("--version", default="65x512x512",
+    p.add_argument("--version", default=None,
                    help="transformer subfolder FRAMESxHEIGHTxWIDTH (17x256x256, 65x256x256, 65x512x512); height and "
-                        "width come from it, frames from the transformer's video_length (default 65x512x512)")
-    p.add_argument("--text_encoder_name", default="DeepFloyd/t5-v1_1-xxl",
-                   help="local folder of the T5 v1.1 XXL encoder, or 'tiny' for osp's built-in offline encoder")
+                        "width come from it, frames from the transformer's video_length (default 65x512x512, or "
+                        "the training size of a --transformer_path written by osp train-t2v)")
+    p.add_argument("--text_encoder_name", default=None,
+                   help="local folder of the T5 v1.1 XXL encoder, or 'tiny' for osp's built-in offline encoder "
+                        "(default DeepFloyd/t5-v1_1-xxl, or the encoder a --transformer_path written by osp "
+                        "train-t2v was trained with)")
     p.add_argument("--text_prompt", nargs="+", required=True,
                    help="prompts, or one .txt file with a prompt per line (blank lines skipped)")
     p.add_argument("--save_img_path", default="./sample_videos/t2v", help="output folder")
@@ -104,6 +107,33 @@ def read_prompts(text_prompt: List[str]) -> List[str]:
             raise UsageError(f"--text_prompt {path!r} holds no prompts; expected one prompt per line")
         return prompts
     return list(text_prompt)
+
+
+TRAINING_RECORD = "osp_training.json"  # written by osp train-t2v beside the weights it saves
+
+
+def apply_training_record(args) -> None:
+    """Fill --ae_path, --text_encoder_name and (without --version) --height/--width from the record
+    that osp train-t2v writes into the model folders it saves, when --transformer_path holds one and
+    the flags are not given; then the upstream defaults for what is still unset."""
+    record = {}
+    if args.transformer_path is not None:
+        path = os.path.join(args.transformer_path, TRAINING_RECORD)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                record = {}
+    if args.ae_path is None and record.get("ae_path"):
+        args.ae_path = record["ae_path"]
+    if args.text_encoder_name is None:
+        args.text_encoder_name = record.get("text_encoder_name") or "DeepFloyd/t5-v1_1-xxl"
+    if args.version is None:
+        args.version = "65x512x512"
+        if record.get("height") and record.get("width"):
+            args.height = args.height if args.height is not None else int(record["height"])
+            args.width = args.width if args.width is not None else int(record["width"])
 
 
 def _check_static(args) -> None:
@@ -340,6 +370,7 @@ def run(args) -> int:
     import osp
     from ..pipelines import scheduler_config, scheduler_name
 
+    apply_training_record(args)
     _check_static(args)
     prompts = read_prompts(args.text_prompt)
     device = _device(args)

@@ -259,7 +259,14 @@ class TextToVideoPipeline:
             pos, pmask = pos.to(device).repeat_interleave(n, 0), pmask.to(device).repeat_interleave(n, 0)
             if not cfg:
                 return pos, pmask
-            neg, nmask = enc.encode(preprocess_captions([negative_prompt], clean_caption), max_length=L)
+            if negative_prompt == "" and getattr(self.transformer.config, "learned_null_caption", False):
+                # A model trained with caption dropout learned y_embedding as its unconditional caption:
+                # guidance samples what was trained (the null caption and its mask, at L tokens).
+                with torch.no_grad():
+                    neg, nmask = self.transformer.null_caption(pos.shape[1])
+                neg, nmask = neg.detach()[None], nmask[None]
+            else:
+                neg, nmask = enc.encode(preprocess_captions([negative_prompt], clean_caption), max_length=L)
             neg = neg.to(device=device, dtype=pos.dtype).expand(B * n, -1, -1)
             nmask = nmask.to(device).expand(B * n, -1)
             return torch.cat([neg, pos]), torch.cat([nmask, pmask])
@@ -408,7 +415,10 @@ class TextToVideoPipeline:
                 its caption's k tokens and the negative prompt's first k states (pads included), no
                 mask reaches the transformer, and a batch zeroes the captions' pad rows instead,
                 so results depend on batch composition. "mask" passes each caption's mask to the
-                cross-attention of both branches: results do not depend on the batch.
+                cross-attention of both branches: results do not depend on the batch. For a model
+                trained with caption dropout (config ``learned_null_caption``) and an empty
+                negative prompt, the unconditional branch is the learned null caption
+                (``transformer.null_caption``: y_embedding's 120 rows, then masked zeros).
             progress: tqdm bars over the steps and the tiled decode; False silences them.
             eta: DDIM's eta (schedulers whose step takes it). clean_caption: upstream's caption cleaning.
 

@@ -167,16 +167,50 @@ class AdaLNSingle(nn.Module):
 class CaptionProjection(nn.Module):
     """linear_1 (C_cap -> D), GELU (tanh), linear_2 (D -> D) (spec A.3).
 
-    ``y_embedding`` (120, C_cap) is upstream's persistent but unused buffer (the learned empty
-    caption of PixArt's classifier-free dropout); it is kept so upstream checkpoints load strictly
-    and round-trip, and is never read in forward.
+    ``y_embedding`` (120, C_cap) is the null caption of PixArt's classifier-free dropout. Upstream
+    registers it as a persistent buffer of random values that nothing reads or trains; it is kept so
+    upstream checkpoints load strictly and round-trip. With ``learned=True`` (models trained with
+    caption dropout, osp's ``--cfg_dropout``) it is a trainable parameter under the same state-dict
+    key, so checkpoints stay interchangeable. ``null_caption(L)`` gives it at a caption length L.
     """
 
-    def __init__(self, in_features: int, dim: int):
+    def __init__(self, in_features: int, dim: int, learned: bool = False):
         super().__init__()
-        self.register_buffer("y_embedding", torch.randn(CAPTION_EMBED_ROWS, in_features) / in_features**0.5)
+        table = torch.randn(CAPTION_EMBED_ROWS, in_features) / in_features**0.5
+        if learned:
+            self.y_embedding = nn.Parameter(table)
+        else:
+            self.register_buffer("y_embedding", table)
         self.linear_1 = nn.Linear(in_features, dim)
         self.linear_2 = nn.Linear(dim, dim)
+
+    @property
+    def learned(self) -> bool:
+        return isinstance(self.y_embedding, nn.Parameter)
+
+    def make_learned(self) -> None:
+        """Turn the ``y_embedding`` buffer into a trainable parameter (same values, same key)."""
+        if not self.learned:
+            table = self.y_embedding
+            del self.y_embedding
+            self.y_embedding = nn.Parameter(table)
+
+    def null_caption(self, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The null caption at ``length`` tokens: (states (length, C_cap), mask (length,) int64).
+
+        The 120 rows of ``y_embedding`` come first, with mask 1; the remaining length - 120 positions
+        are zero states with mask 0 (captions hold up to 300 tokens). For length < 120 the first
+        ``length`` rows are used. The states keep autograd to ``y_embedding``.
+        """
+        if not (isinstance(length, int) and length > 0):
+            raise ValueError(f"null_caption: length={length!r}; expected a positive int (caption tokens)")
+        rows = min(length, self.y_embedding.shape[0])
+        states = self.y_embedding[:rows]
+        if length > rows:
+            states = torch.cat([states, states.new_zeros(length - rows, states.shape[1])])
+        mask = torch.zeros(length, dtype=torch.long, device=states.device)
+        mask[:rows] = 1
+        return states, mask
 
     def forward(self, caption: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.gelu(self.linear_1(caption), approximate="tanh"))

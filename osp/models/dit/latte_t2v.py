@@ -37,6 +37,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                        "cross_attention_dim": 768},
     "LatteT2V-S/122": {**LATTE_T2V_XL_122, "num_layers": 12, "num_attention_heads": 6, "attention_head_dim": 64,
                        "cross_attention_dim": 384},
+    # A tiny model for tests and the offline demo: 2 layers of 2 heads x 32, 64-px frames (latents
+    # 8 x 8), captions of TinyTextEncoder's default width 64.
+    "LatteT2V-tiny": {**LATTE_T2V_XL_122, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 32,
+                      "cross_attention_dim": 64, "sample_size": [8, 8], "caption_channels": 64},
 }
 
 
@@ -76,6 +80,12 @@ class LatteT2V(LatteCore, ModelMixin, ConfigMixin):
     temporal blocks see). Upstream fields without effect here (attention_mode, norm_num_groups, ...)
     are accepted and dropped; fields naming unsupported variants with non-default values raise.
 
+    Added by osp: ``learned_null_caption`` (False, as upstream; an upstream config.json lacks it):
+    True for models trained with caption dropout (``osp train-t2v --cfg_dropout``), whose
+    ``caption_projection.y_embedding`` is a trained parameter rather than upstream's untrained
+    random buffer (same key and shape). ``forward(..., drop_caption=)`` replaces captions by that
+    null caption, and the pipeline's ``text_mask="mask"`` mode uses it for an empty negative prompt.
+
     Use ``LatteT2V.from_preset("LatteT2V-XL/122")`` (see ``PRESETS``) for a fresh model,
     ``from_pretrained`` for upstream or osp checkpoints.
     """
@@ -102,6 +112,7 @@ class LatteT2V(LatteCore, ModelMixin, ConfigMixin):
         norm_eps: float = 1e-6,
         caption_channels: int = 4096,
         video_length: int = 5,
+        learned_null_caption: bool = False,
     ):
         super().__init__()
         name = type(self).__name__
@@ -118,6 +129,8 @@ class LatteT2V(LatteCore, ModelMixin, ConfigMixin):
                              f"{num_attention_heads}x{attention_head_dim} = {dim} (captions are projected to it)")
         if not _positive_int(caption_channels):
             raise ValueError(f"{name} config: caption_channels={caption_channels!r}; expected a positive int")
+        if not isinstance(learned_null_caption, bool):
+            raise ValueError(f"{name} config: learned_null_caption={learned_null_caption!r}; expected true or false")
         # Parameters are registered in upstream's state-dict order: the top-level table first (a
         # parameter of this module), then pos_embed, the blocks, proj_out, adaln_single, captions.
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
@@ -127,14 +140,15 @@ class LatteT2V(LatteCore, ModelMixin, ConfigMixin):
                          attention_bias=attention_bias, norm_eps=norm_eps, dropout=dropout,
                          modulation="ada_norm_single")
         self.adaln_single = AdaLNSingle(dim)
-        self.caption_projection = CaptionProjection(caption_channels, dim)
+        self.caption_projection = CaptionProjection(caption_channels, dim, learned=learned_null_caption)
 
     @classmethod
     def from_preset(cls, name: str = "LatteT2V-XL/122", **overrides) -> "LatteT2V":
         """A freshly initialized model of a named configuration (``PRESETS``), with config overrides.
 
         "LatteT2V-XL/122" (= "-17x256x256") has video_length 5 and sample_size 32 (latents of
-        17x256x256 clips); "-65x256x256" has 17 and 32; "-65x512x512" 17 and 64.
+        17x256x256 clips); "-65x256x256" has 17 and 32; "-65x512x512" 17 and 64. "LatteT2V-tiny"
+        (2 layers, 2 heads x 32, sample_size 8, caption_channels 64) is for tests and the demo.
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
@@ -143,8 +157,41 @@ class LatteT2V(LatteCore, ModelMixin, ConfigMixin):
             cfg["cross_attention_dim"] = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         return cls(**cfg)
 
+    def enable_learned_null_caption(self) -> None:
+        """Make ``caption_projection.y_embedding`` a trainable parameter (same key and values) and record
+        ``learned_null_caption=True`` in the config, so that saved models load with it as a parameter
+        and the pipeline uses it as the unconditional caption."""
+        self.caption_projection.make_learned()
+        self.register_to_config(learned_null_caption=True)
+
+    def null_caption(self, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(states (length, caption_channels), mask (length,) int64): ``y_embedding``'s 120 rows first
+        (mask 1), zero states with mask 0 after them (the first ``length`` rows when length < 120)."""
+        return self.caption_projection.null_caption(length)
+
+    def _drop_captions(self, fn: str, ehs: torch.Tensor, mask, drop) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Replace the captions (every group: the video's and its images') of the samples where
+        ``drop`` (b,) is true by the null caption, states and mask."""
+        b, groups, L = ehs.shape[:3]
+        if not isinstance(drop, torch.Tensor) or tuple(drop.shape) != (b,):
+            got = tuple(drop.shape) if isinstance(drop, torch.Tensor) else type(drop).__name__
+            raise ValueError(f"{fn}: drop_caption has shape {got}; expected ({b},) bools (true = use the null caption)")
+        drop = drop.to(device=ehs.device, dtype=torch.bool)
+        null, null_mask = self.null_caption(L)
+        ehs = torch.where(drop[:, None, None, None], null.to(ehs.dtype)[None, None], ehs)
+        if mask is None:
+            m = torch.ones(b, groups, L, dtype=torch.long, device=ehs.device)
+        else:
+            m = mask[:, None] if mask.dim() == 2 else mask
+            if m.dim() != 3 or tuple(m.shape) != (b, groups, L):
+                raise ValueError(f"{fn}: encoder_attention_mask has shape {tuple(mask.shape)}; expected ({b}, {L}) "
+                                 f"or ({b}, {groups}, {L}) (1 = caption token, 0 = padding)")
+            m = m.to(ehs.device).long()
+        m = torch.where(drop[:, None, None], null_mask.to(ehs.device)[None, None], m)
+        return ehs, m
+
     def _segments(self, fn: str, encoder_hidden_states, encoder_attention_mask, b: int, frames: int,
-                  images: int) -> List[CaptionSegment]:
+                  images: int, drop_caption=None) -> List[CaptionSegment]:
         C = self.config.caption_channels
         groups = 1 + images
         ehs = encoder_hidden_states
@@ -158,6 +205,8 @@ class LatteT2V(LatteCore, ModelMixin, ConfigMixin):
             expected += (" or " if expected else "") + f"({b}, {groups}, L, {C}) (the video's caption, then one per image)"
             raise ValueError(f"{fn}: encoder_hidden_states has shape {tuple(ehs.shape)}; expected {expected}")
         L = ehs.shape[2]
+        if drop_caption is not None:
+            ehs, encoder_attention_mask = self._drop_captions(fn, ehs, encoder_attention_mask, drop_caption)
         ctx = self.caption_projection(ehs.to(self.caption_projection.linear_1.weight.dtype))
         keep = _caption_keep(fn, encoder_attention_mask, b, groups, L, ctx.device)
         segments = [CaptionSegment(0, frames, ctx[:, 0], None if keep is None else keep[:, 0])]
@@ -179,6 +228,7 @@ class LatteT2V(LatteCore, ModelMixin, ConfigMixin):
         attention_mask: Optional[torch.Tensor] = None,
         added_cond_kwargs: Optional[dict] = None,
         cross_attention_kwargs: Optional[dict] = None,
+        drop_caption: Optional[torch.Tensor] = None,
     ) -> Union[Transformer2DModelOutput, Tuple[torch.Tensor]]:
         """Predict noise (and variance) for noisy latents.
 
@@ -204,6 +254,9 @@ class LatteT2V(LatteCore, ModelMixin, ConfigMixin):
             attention_mask: must be None (upstream's self-attention mask is unused in T2V).
             added_cond_kwargs, cross_attention_kwargs: accepted for upstream call compatibility
                 (PixArt's resolution conditions are off in LatteT2V); must be None or empty.
+            drop_caption: (b,) bools (osp; classifier-free-guidance training): the samples whose
+                captions (the video's and its images') are replaced by ``null_caption(L)``, states
+                and mask. None (default) leaves every caption as given.
 
         Returns:
             ``.sample`` (b, out_channels, F + use_image_num, H, W) in the model's dtype.
@@ -219,7 +272,8 @@ class LatteT2V(LatteCore, ModelMixin, ConfigMixin):
         b, total, frames = self._check_latents(fn, hidden_states, use_image_num, enable_temporal_attentions)
         t = self._timesteps(fn, timestep, b, hidden_states.device)
         x, Hp, Wp = self._patchify(hidden_states)
-        segments = self._segments(fn, encoder_hidden_states, encoder_attention_mask, b, frames, use_image_num)
+        segments = self._segments(fn, encoder_hidden_states, encoder_attention_mask, b, frames, use_image_num,
+                                  drop_caption)
         tau, e = self.adaln_single(t, x.dtype)
         x = self._backbone(x, b, total, frames, tau, segments, enable_temporal_attentions)
         shift, scale = (self.scale_shift_table[None] + e[:, None]).unbind(1)
