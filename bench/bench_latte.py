@@ -127,7 +127,7 @@ def cases(device: str, quick: bool) -> List[Case]:
     dy = torch.randn(BATCH, cfg["out_channels"], F_, S, S, device=device, dtype=dtype)
 
     def ours():
-        return model(x, t, ehs, mask).sample
+        return model(x, t, ehs, encoder_attention_mask=mask).sample
 
     def upstream():
         return twin(x, t, ehs, bias).sample

@@ -168,3 +168,169 @@ def test_sampling_without_diffusers_is_skipped_rows_not_errors(monkeypatch):
     rows = harness.run_cases(cases, "cpu", dict(copy_gbps=1.0, copy_bytes=1, llc_bytes=1, matmul_tflops=1.0), {})
     assert all("error" not in r and "diffusers" in r["skipped"] for r in rows)
     assert "| skipped |" in harness.markdown_table(rows)
+
+
+# --- bench/bench_training.py: the training step and data loader suite ----------------------------------------
+
+
+def _training_inputs(n):
+    from bench import bench_training
+
+    spec = dict(bench_training.CPU_STEPS[0], images=n)
+    torch.manual_seed(0)
+    from osp.models import LatteT2V
+
+    model = LatteT2V.from_preset(spec["preset"], **spec["overrides"])
+    return spec, model, bench_training.step_inputs(spec, dict(model.config), "cpu")
+
+
+@pytest.mark.parametrize("images", [0, 4])
+def test_training_flops_are_the_forward_matmuls_times_three(images):
+    """step_flops / 3 is every multiply-add of osp's forward (torch backend, SDPA's math path, which
+    the counter sees as matmuls), with images (no temporal blocks) and without."""
+    pytest.importorskip("diffusers")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench import bench_training
+
+    spec, model, inputs = _training_inputs(images)
+    with osp.ops.use_backend("torch"), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), \
+            FlopCounterMode(display=False) as counter:
+        model(inputs["z"], inputs["t"], **inputs["kwargs"])
+    S = spec["size"]
+    flops = bench_training.step_flops(dict(model.config), spec["batch"], spec["frames"], images, S, S,
+                                      spec["caption_len"])
+    assert flops == 3 * counter.get_total_flops()
+
+
+@pytest.mark.parametrize("images", [0, 4])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_upstream_forward_equals_osp(images, checkpointing):
+    """upstream_forward (upstream's joint image-video forward over the diffusers twin) computes what
+    osp's LatteT2V computes from the same weights, and so do their gradients; without images it is
+    diffusers' own forward."""
+    pytest.importorskip("diffusers")
+    from bench import bench_training
+    from bench.bench_latte import _twin
+
+    spec, model, inputs = _training_inputs(images)
+    model.train()
+    twin = _twin(model).train()
+    kw = inputs["kwargs"]
+    x, t = inputs["z"], inputs["t"]
+    out = model(x, t, **kw).sample
+    ref = bench_training.upstream_forward(twin, x, t, kw["encoder_hidden_states"], kw["encoder_attention_mask"],
+                                          images, checkpointing=checkpointing)
+    torch.testing.assert_close(ref, out, rtol=1e-4, atol=1e-4 * float(out.detach().abs().max()))
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    ours, theirs = dict(model.named_parameters()), dict(twin.named_parameters())
+    for name in ("pos_embed.proj.weight", "transformer_blocks.1.attn2.to_k.weight",
+                 "temporal_transformer_blocks.0.ff.net.0.proj.weight", "caption_projection.linear_1.weight"):
+        torch.testing.assert_close(theirs[name].grad, ours[name].grad, rtol=1e-4,
+                                   atol=1e-4 * float(ours[name].grad.abs().max()))
+    if images == 0:
+        mask = kw["encoder_attention_mask"]
+        bias = ((1 - mask.float()) * -10000.0)[:, None].repeat_interleave(spec["frames"], 0)
+        with torch.no_grad():
+            own = twin(x, t, kw["encoder_hidden_states"], bias).sample
+        torch.testing.assert_close(ref.detach(), own, rtol=1e-5, atol=1e-5 * float(own.abs().max()))
+
+
+def test_training_cases_run_on_cpu():
+    """The quick CPU suite: a step row, osp against the twin from the same weights (same first loss),
+    with samples/s recorded as the harness times it, and a loader row from the synthetic mp4s with
+    clips/s and its ratio to the step's clip rate (the same clip size)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("av")
+    from bench import bench_training
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = bench_training.cases("cpu", quick=True)
+        assert [c.op for c in cases] == [bench_training.STEP_OP, bench_training.LOADER_OP]
+        step, loader = cases
+        loss = step.data["first_loss"]
+        assert loss["osp"] == pytest.approx(loss["twin"], rel=1e-4)
+        peaks = dict(copy_gbps=10.0, copy_bytes=1 << 30, llc_bytes=1 << 20, matmul_tflops=0.1)
+        rows = harness.run_cases(cases, "cpu", peaks, {})
+    finally:
+        torch.set_num_threads(threads)
+        del cases  # the loader's workers and its temporary folder
+    for row in rows:
+        assert "error" not in row, row
+    step_row, loader_row = rows
+    assert step_row["ms"] > 0 and step_row["speedup"] > 0 and step_row["tflops"] > 0
+    b = step_row["data"]["batch"]
+    # the recorded rate is the batch over the median synchronized step: close to batch / the harness's median
+    assert 0.5 < step_row["data"]["samples_per_s"] * step_row["ms"] / (1e3 * b) < 2
+    assert step_row["data"]["twin_samples_per_s"] > 0
+    data = loader_row["data"]
+    assert data["workers"] == bench_training.worker_counts()[-1] and data["clips_per_s"] > 0
+    # one clip a sample: the step's clip rate is its samples/s
+    assert data["step"] and data["step_clips_per_s"] == pytest.approx(step_row["data"]["samples_per_s"])
+    assert data["ratio_to_step"] == pytest.approx(data["clips_per_s"] / data["step_clips_per_s"])
+
+
+def test_training_worker_counts_are_capped_by_the_cpus():
+    from bench import bench_training
+
+    assert bench_training.worker_counts(1) == [0]
+    assert bench_training.worker_counts(2) == [0, 2]
+    assert bench_training.worker_counts(16) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("missing", ["diffusers", "av", "osp.data"])
+def test_training_without_a_package_is_skipped_rows_not_errors(monkeypatch, missing):
+    from bench import bench_training
+
+    monkeypatch.setitem(sys.modules, missing, None)  # importing it now raises ImportError
+    monkeypatch.setattr(bench_training, "_step_case", lambda *a: pytest.fail("a step case was built"))
+    other = "_missing_loader" if missing == "diffusers" else "_missing_diffusers"
+    monkeypatch.setattr(bench_training, other, lambda: "stubbed")  # the other half skipped too: nothing runs
+    cases = bench_training.cases("cpu", quick=False)
+    assert {c.op for c in cases} == {bench_training.STEP_OP, bench_training.LOADER_OP}
+    rows = harness.run_cases(cases, "cpu", dict(copy_gbps=1.0, copy_bytes=1, llc_bytes=1, matmul_tflops=1.0), {})
+    assert all("error" not in r and r["skipped"] for r in rows)
+    word = {"diffusers": "diffusers", "av": "PyAV", "osp.data": "osp.data"}[missing]
+    half = bench_training.STEP_OP if missing == "diffusers" else bench_training.LOADER_OP
+    assert all(word in r["skipped"] for r in rows if r["op"] == half)
+    assert "| skipped |" in harness.markdown_table(rows)
+
+
+def test_training_steps_under_bf16_autocast(monkeypatch):
+    """Both sides' steps under bf16 autocast over fp32 weights with bf16 caption states, as the GPU
+    rows run them (here on the CPU's autocast): the first losses agree to bf16 precision."""
+    pytest.importorskip("diffusers")
+    from bench import bench_training
+
+    monkeypatch.setattr(bench_training, "_amp", lambda device: lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    ours, twin, _ = bench_training.build_sides(bench_training.CPU_STEPS[0], "cpu")
+    kwargs = ours.inputs["kwargs"]  # shared by both sides
+    kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"].bfloat16()
+    assert float(ours.step()) == pytest.approx(float(twin.step()), rel=1e-2)
+    assert all(p.dtype == torch.float32 for p in ours.params + twin.params)
+
+
+def test_training_gpu_loader_clips_match_the_first_gpu_step():
+    """The GPU loader reads the clips the first GPU step trains on (so its row gets the ratio), and
+    every configuration's latents are its clip through the 4x8x8 VAE."""
+    from bench import bench_training
+
+    loader = bench_training.GPU_LOADER
+    assert f"{loader['frames']}x{loader['size']}x{loader['size']}" == bench_training.GPU_STEPS[0]["clip"]
+    for spec in bench_training.GPU_STEPS + bench_training.CPU_STEPS:
+        frames, h, w = (int(v) for v in spec["clip"].split("x"))
+        assert spec["frames"] == (frames - 1) // 4 + 1 and spec["size"] * 8 == h == w
+
+
+def test_training_shm_shortfall(tmp_path):
+    from bench import bench_training
+
+    assert bench_training.shm_shortfall(0, 1 << 60, str(tmp_path)) is None
+    assert "--shm-size" in bench_training.shm_shortfall(4, 1 << 60, str(tmp_path))
+    assert bench_training.shm_shortfall(4, 1, str(tmp_path)) is None
+    assert bench_training.shm_shortfall(4, 1 << 60, str(tmp_path / "missing")) is None

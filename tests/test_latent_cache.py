@@ -24,7 +24,7 @@ from osp.data.latents import clip_entry_path, read_entry, text_key
 from osp.data.synthetic import make_dataset
 from osp.models import CausalVideoVAE
 from osp.models.text import TextEmbeddingCache, TinyTextEncoder
-from osp.pipelines.captions import preprocess_captions
+from osp.data.captions import preprocess_captions
 from osp.train.latent_cache import cache_latents, vae_fingerprint
 
 VAE_CONFIG = dict(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1)

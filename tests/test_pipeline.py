@@ -21,7 +21,7 @@ from osp.pipelines import (
     make_scheduler,
     preprocess_captions,
 )
-from osp.pipelines import captions as captions_module
+from osp.data import captions as captions_module
 from test_text import _tiny_t5
 
 PROMPT, OTHER = "a red panda eats bamboo", "cat"

@@ -12,7 +12,7 @@ _EXPORTS = {
     "parse_version": ".text_to_video",
     "SAMPLE_METHODS": ".schedulers", "UPSTREAM_SCHEDULERS": ".schedulers", "IDDPMSampler": ".schedulers",
     "make_scheduler": ".schedulers", "scheduler_config": ".schedulers", "scheduler_name": ".schedulers",
-    "clean_caption": ".captions", "preprocess_captions": ".captions",
+    "clean_caption": "..data.captions", "preprocess_captions": "..data.captions",
 }
 
 __all__ = sorted(_EXPORTS)

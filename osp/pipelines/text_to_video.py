@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from diffusers.utils import BaseOutput
 
-from .captions import preprocess_captions
+from ..data.captions import preprocess_captions
 from .schedulers import IDDPMSampler, make_scheduler, scheduler_name
 
 OUTPUT_TYPES = ("uint8", "latent", "latents", "pt", "np")

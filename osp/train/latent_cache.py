@@ -101,13 +101,13 @@ def _entry_identity(path: str) -> Optional[str]:
 
 
 def _caption_cleaning(clean: bool) -> str:
-    from ..pipelines.captions import cleaning_unavailable
+    from ..data.captions import cleaning_unavailable
 
     return "full" if clean and cleaning_unavailable() is None else "lower-strip"
 
 
 def _clean(captions: List[str], clean: bool) -> List[str]:
-    from ..pipelines.captions import preprocess_captions
+    from ..data.captions import preprocess_captions
 
     return preprocess_captions(captions, clean)
 

@@ -272,7 +272,7 @@ class BatchEncoder:
             states = batch["text_states"].to(self.device)
             mask = batch["text_mask"].to(self.device)
         else:
-            from ..pipelines.captions import preprocess_captions
+            from ..data.captions import preprocess_captions
 
             if self.vae is None or self.text_encoder is None:
                 raise RuntimeError("a raw batch (video and captions) but no VAE or text encoder was loaded")

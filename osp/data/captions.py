@@ -1,4 +1,4 @@
-"""Prompt preprocessing as upstream's sampling pipeline does it (spec B.4, G16).
+"""Caption preprocessing as upstream does it before T5, at sampling and in training (spec B.4, D.4, G16).
 
 Upstream's ``_text_preprocessing`` / ``_clean_caption`` are diffusers' PixArt-alpha functions, unchanged
 (same regexes in the same order) from diffusers 0.27.2 to today; osp calls diffusers' own copy so the
