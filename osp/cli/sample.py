@@ -29,6 +29,7 @@ from typing import List
 
 import torch
 
+from ..data.video import write_mp4
 from . import UsageError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -236,31 +237,6 @@ def grid_stem(method: str, guidance: float, steps: int) -> str:
     return f"{method}_gs{guidance}_s{steps}"
 
 
-def write_mp4(path: str, frames, fps: int) -> None:
-    """frames (T, H, W, 3) uint8 (H, W even) -> H.264 mp4 (yuv420p, CRF 5 as upstream's imageio quality 9),
-    written to a temporary name and renamed into place."""
-    import av
-
-    frames = frames.numpy() if isinstance(frames, torch.Tensor) else frames
-    T, H, W, _ = frames.shape
-    codec = "libx264" if "libx264" in av.codecs_available else "h264"
-    tmp = path + ".tmp"
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream(codec, rate=fps)
-            stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-            stream.options = {"crf": "5"}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_jpg(path: str, image) -> None:
     """image (H, W, 3) uint8 -> JPEG with PIL's defaults (as torchvision's save_image, which upstream uses)."""
     from PIL import Image
@@ -415,7 +391,7 @@ def run(args) -> int:
         if image:
             write_jpg(path, video[0, 0])
         else:
-            write_mp4(path, video[0], args.fps)
+            write_mp4(path, video[0], args.fps, crf=5)
         record = {"file": os.path.basename(path), "prompt": prompt, "seed": seed + i, **base,
                   "seconds": round(time.time() - start, 3)}
         write_json(os.path.splitext(path)[0] + ".json", record)
@@ -429,7 +405,7 @@ def run(args) -> int:
     if image:
         write_jpg(grid_path, image_grid(videos[:, 0]))
     else:
-        write_mp4(grid_path, video_grid(videos), args.fps)
+        write_mp4(grid_path, video_grid(videos), args.fps, crf=5)
     write_json(os.path.splitext(grid_path)[0] + ".json",
                {"file": os.path.basename(grid_path), "grid_of": [r for r in prompts], "seed": seed, **base})
     print(f"saved {grid_path} (grid of {len(prompts)})")

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from .video import encoder_name, write_mp4
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230),
@@ -100,61 +101,6 @@ def image_attributes(seed: int, index: int, height: int, width: int) -> dict:
     center = [float(rng.uniform(radius, width - radius)), float(rng.uniform(radius, height - radius))]
     return {"color": color, "rgb": list(COLORS[color]), "shape": shape, "background": background,
             "radius": radius, "centers": np.array([center])}
-
-
-def encoder_name(codec: str) -> str:
-    """PyAV encoder for "h264" (libx264 when present) or "mpeg4"."""
-    import av
-
-    if codec == "h264":
-        for name in ("libx264", "h264", "libopenh264"):
-            if name in av.codecs_available:
-                return name
-        raise ValueError("codec='h264': this PyAV build has no H.264 encoder; use codec='mpeg4'")
-    if codec == "mpeg4":
-        return "mpeg4"
-    raise ValueError(f"codec={codec!r}; expected 'h264' or 'mpeg4'")
-
-
-def write_mp4(path: str, frames: np.ndarray, fps: int = 24, codec: str = "h264", gop: Optional[int] = None) -> None:
-    """uint8 frames (T, H, W, 3) (H, W even; T may be 0) -> an mp4 at ``path``, written to a temporary
-    name and renamed into place. ``gop``: frames between key frames (the encoder's default when None)."""
-    import av
-
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"write_mp4: frames are {frames.shape} {frames.dtype}; expected uint8 (T, H, W, 3)")
-    T, H, W, _ = frames.shape
-    if H % 2 or W % 2 or H < 2 or W < 2:
-        raise ValueError(f"write_mp4: frame size {H}x{W}; expected even height and width (yuv420p)")
-    name = encoder_name(codec)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream(name, rate=fps)
-            stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-            # x264's macroblock-tree rate control gave run-to-run different bitstreams for the same
-            # frames here; without it (and on one thread) the file is a function of the frames.
-            options = ({"crf": "12", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
-                       if name == "libx264" else {})
-            if gop is not None:
-                options["g"] = str(gop)
-            stream.options = options
-            if name == "mpeg4":
-                stream.codec_context.bit_rate = 8_000_000
-            for t, array in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
-                frame.pts, frame.time_base = t, Fraction(1, fps)
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-            if T == 0:
-                container.start_encoding()  # a header with no frames (PyAV writes nothing otherwise)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_png(path: str, image: np.ndarray) -> None:

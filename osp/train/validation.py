@@ -49,30 +49,10 @@ def write_video(path_stem: str, frames: torch.Tensor, fps: int) -> str:
         torch.save(frames.cpu(), path + ".tmp")
         os.replace(path + ".tmp", path)
         return path
-    path = path_stem + ".mp4"
-    tmp = path + ".tmp"
-    arr = frames.cpu().numpy()
-    T, H, W, _ = arr.shape
-    if H % 2 or W % 2:  # yuv420p needs even sizes
-        import numpy as np
+    from ..data.video import write_mp4
 
-        arr = np.pad(arr, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
-        H, W = H + H % 2, W + W % 2
-    codec = "libx264" if "libx264" in av.codecs_available else "h264"
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream(codec, rate=fps)
-            stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-            stream.options = {"crf": "5"}
-            for frame in arr:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    path = path_stem + ".mp4"
+    write_mp4(path, frames, fps, crf=5)
     return path
 
 
