@@ -24,6 +24,21 @@ class UsageError(Exception):
     """A user mistake: printed as one line on stderr, exit code 2."""
 
 
+def device_arg(name: Optional[str]):
+    """The torch.device of a ``--device`` flag (None: cuda when available, else cpu); a bad or
+    unavailable device is a UsageError."""
+    import torch
+
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; expected --device cpu")
+    return device
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block) and exit code 2."""
 

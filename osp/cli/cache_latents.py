@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from . import UsageError
+from . import UsageError, device_arg
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -51,17 +51,6 @@ def register(subparsers) -> None:
     p.add_argument("--batch_size", type=int, default=4, help="clips per VAE call (default 4)")
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="processes decoding clips (default 0)")
     p.set_defaults(run=run)
-
-
-def _device(name):
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; expected --device cpu")
-    return device
 
 
 def _first_line(exc: BaseException) -> str:
@@ -100,7 +89,7 @@ def run(args) -> int:
     except ValueError as exc:
         raise UsageError(_first_line(exc).replace("image_data_path=", "--image_data_path ")
                          .replace("data_path=", "--data_path ")) from None
-    device = _device(args.device)
+    device = device_arg(args.device)
 
     from ..models import CausalVideoVAE
 

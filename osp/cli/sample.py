@@ -30,7 +30,7 @@ from typing import List
 import torch
 
 from ..data.video import write_mp4
-from . import UsageError
+from . import UsageError, device_arg
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 UPSTREAM_AE = "CausalVAEModel_4x8x8"
@@ -213,17 +213,6 @@ def _check_steps(method: str, steps: int) -> None:
                          f"{hint.get(method, 'another step count')} ({_first_line(exc)})") from None
 
 
-def _device(args) -> torch.device:
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; expected --device cpu")
-    return device
-
-
 # --- outputs ---------------------------------------------------------------------------------------------
 
 
@@ -349,7 +338,7 @@ def run(args) -> int:
     apply_training_record(args)
     _check_static(args)
     prompts = read_prompts(args.text_prompt)
-    device = _device(args)
+    device = device_arg(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     pipe, (frames, height, width) = _load(args, device, dtype)
     tiling = None
