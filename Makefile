@@ -20,11 +20,13 @@ endif
 
 setup: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml
+# osp itself installs with --no-build-isolation, so setup.py sees this venv's torch and builds the
+# compiled extension osp._C (csrc/) with ninja; OSP_BUILD_EXT=0 in the environment skips it.
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade "pip>=23" "setuptools>=64"
-	$(PIP) $(TORCH_REQ) numpy
-	$(PIP) -e ".[test]"
+	$(PIP) $(TORCH_REQ) numpy ninja
+	$(PIP) --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -5,9 +5,10 @@ Each backend of ``osp.ops.group_norm(..., act="silu")`` is timed against the eag
 channels_last_3d ("ndhwc"), forward alone ("fwd") and forward plus backward ("fwd+bwd", gradients
 of x, weight and bias under a random upstream gradient).
 
-GPU: bf16 activations of the Open-Sora-Plan VAE decoder's stages. CPU: small fp32 shapes; the
-Triton rows run only when TRITON_INTERPRET=1 was set before triton was imported, and then measure
-the interpreter, not the kernel.
+GPU: bf16 activations of the Open-Sora-Plan VAE decoder's stages. CPU: VAE-stage shapes in fp32 and
+bf16, the ``ext`` backend (the compiled osp._C, when built) and the ``torch`` backend against the
+same eager pair; the Triton rows run only when TRITON_INTERPRET=1 was set before triton was
+imported, on small fp32 shapes, and then measure the interpreter, not the kernel.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 
-from osp.ops import group_norm
+from osp.ops import _ext, group_norm
 
 from .harness import INTERPRETER_NOTE, Case, timed
 
 GROUPS, EPS = 32, 1e-6
 GPU_SHAPES = [(1, 128, 17, 256, 256), (1, 256, 17, 128, 128), (1, 512, 17, 64, 64), (1, 512, 5, 64, 64)]
-CPU_SHAPES = [(1, 32, 5, 32, 32), (1, 64, 9, 16, 16)]
+CPU_SHAPES = [(1, 128, 17, 64, 64), (1, 256, 17, 32, 32), (1, 512, 5, 32, 32)]
+INTERPRETER_SHAPES = [(1, 32, 5, 32, 32), (1, 64, 9, 16, 16)]  # the Triton interpreter on CPU
 LAYOUTS = {"ncdhw": torch.contiguous_format, "ndhwc": torch.channels_last_3d}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 BASELINE_NAME = "torch GroupNorm+SiLU eager"
@@ -47,14 +49,23 @@ def cases(device: str, quick: bool) -> List[Case]:
     write. weight/bias reads and their gradients' writes are counted too (C elements each).
     """
     cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    shapes = GPU_SHAPES if cuda else CPU_SHAPES
     if cuda:
-        backends = ["triton", "torch"]
+        plan = [(GPU_SHAPES, torch.bfloat16, ["triton", "torch"])]
     else:
-        backends = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET", "0") == "1" else [])
+        cpu_backends = ["torch"] + (["ext"] if _ext.why_not("group_norm_act", "cpu") is None else [])
+        plan = [(CPU_SHAPES, dt, cpu_backends) for dt in (torch.float32, torch.bfloat16)]
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            plan.append((INTERPRETER_SHAPES, torch.float32, ["triton"]))
     out: List[Case] = []
-    for shape in shapes[:1] if quick else shapes:
+    for shapes, dtype, backends in plan:
+        out += _cases(device, shapes[:1] if quick else shapes, dtype, backends)
+    return out
+
+
+def _cases(device: str, shapes, dtype: torch.dtype, backends: List[str]) -> List[Case]:
+    cuda = device.startswith("cuda")
+    out: List[Case] = []
+    for shape in shapes:
         C = shape[1]
         for layout, fmt in LAYOUTS.items():
             # One set of random inputs per (shape, layout), shared by every mode and backend.

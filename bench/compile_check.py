@@ -7,12 +7,22 @@ fp16 and fp32; ``--ones`` also recompiles (bf16) with each int argument speciali
 launch with that value would. Exit code 1 when anything fails.
 
     python -m bench.compile_check [gn cc at mod tb] [--ones] [--dtypes bf16,fp16,fp32] [--arch 90]
+    python -m bench.compile_check --nvcc [--arch 90]
+
+``--nvcc`` instead compiles the compiled extension's CUDA kernels (csrc/**/*_cuda.cu, free of ATen)
+with nvcc for the same target: nvcc from the CUDA toolkit or from pip wheels (nvidia-cuda-nvcc), found
+on PATH, in $CUDA_HOME/bin or as $NVCC.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -84,13 +94,46 @@ def kernels(dt: str, which):
         yield "blend", tb._blend_kernel, {"OUT": p, "WSUM": "*fp32", "TILE": p}, dict(BLOCK_H=4, BLOCK_W=512)
 
 
+def nvcc_path():
+    """The nvcc to use, or None: $NVCC, then PATH, then $CUDA_HOME/bin."""
+    for candidate in (os.environ.get("NVCC"), shutil.which("nvcc"),
+                      os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def nvcc_check(arch: int) -> int:
+    """Compile every csrc/**/*_cuda.cu for sm_<arch> with nvcc; the number of failures."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        print("nvcc not found (set NVCC or CUDA_HOME, or pip install nvidia-cuda-nvcc-cu12)")
+        return 1
+    failed = 0
+    sources = sorted((Path(__file__).resolve().parents[1] / "csrc").rglob("*_cuda.cu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in sources:
+            cmd = [nvcc, "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas=-warn-spills",
+                   "-Werror=all-warnings", "-c", str(src), "-o", os.path.join(tmp, src.stem + ".o")]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            ok = proc.returncode == 0
+            failed += not ok
+            print(f"{src.relative_to(src.parents[2])} sm_{arch}: {'ok' if ok else 'FAIL ' + (proc.stderr or proc.stdout)[-2000:]}",
+                  flush=True)
+    print(f"nvcc check: {len(sources)} file(s), {failed} failure(s)")
+    return 1 if failed or not sources else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="*", default=["gn", "cc", "at", "mod", "tb"])
     parser.add_argument("--ones", action="store_true", help="also specialize each int argument to 1 (bf16)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma list of bf16, fp16, fp32")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--nvcc", action="store_true", help="compile csrc/**/*_cuda.cu with nvcc instead")
     args = parser.parse_args(argv)
+    if args.nvcc:
+        return nvcc_check(args.arch)
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
     for dt in args.dtypes.split(","):

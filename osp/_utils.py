@@ -22,6 +22,15 @@ ACTIVATIONS = (None, "silu")
 """The activations group_norm fuses (None = identity); a kernel's activation code is the index here."""
 
 
+def trace_constant(fn: Callable) -> Callable:
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does: while torch.compile traces, it
+    runs once and its result is a constant (no graph break, no guard). Sets the attribute that
+    decorator sets, because calling it imports torch._dynamo (seconds, and triton) at import time."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@trace_constant  # read once while torch.compile traces: no graph break
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -46,6 +55,7 @@ def optional_module(name: str, pip_name: str, extra: str) -> Tuple[Optional[Modu
         return None, f"{pip_name} failed to import: {type(exc).__name__}: {exc}"
 
 
+@trace_constant  # a constant while torch.compile traces: no graph break
 def triton_missing() -> Optional[str]:
     """None when triton can be imported, else why not."""
     return optional_module("triton", "triton", "triton")[1]

@@ -9,6 +9,7 @@ import torch
 
 import osp
 from osp.ops import BackendUnavailable, use_backend
+from osp.ops import _ext
 from osp.ops._dispatch import _LOGGED
 from parity import DEVICE
 
@@ -24,11 +25,13 @@ def chosen(args=None, backend=None):
 
 
 def test_automatic_choice_follows_the_reasons():
-    expected = "triton" if DEVICE == "cuda" else "torch"  # on CPU the interpreter is never picked unasked
+    # On CPU the interpreter is never picked unasked; the compiled extension is, when built.
+    expected = "triton" if DEVICE == "cuda" else ("ext" if _ext.AVAILABLE else "torch")
     assert chosen() == expected
     assert chosen(gn_args(torch.float64)) == "torch"  # float64 stays exact on the torch backend
     reasons = GN.explain(*gn_args(torch.float64))
     assert reasons["torch"] is None and "float64" in reasons["triton"]
+    assert "float64" in reasons["ext"] if _ext.AVAILABLE else reasons["ext"] == _ext.REASON
 
 
 def test_argument_context_and_environment_force_a_backend(monkeypatch):
@@ -53,7 +56,7 @@ def test_forcing_an_unusable_backend_lists_every_reason():
     assert "triton: float64" in msg and "torch: usable" in msg
 
 
-@pytest.mark.parametrize("bad", ["group_norm=cuda", "group_norm=ext"])
+@pytest.mark.parametrize("bad", ["group_norm=cuda", "group_norm=flash_attn"])
 def test_unknown_backend_names_are_value_errors(monkeypatch, bad):
     monkeypatch.setenv("OSP_BACKEND", bad)
     with pytest.raises(ValueError, match="unknown backend"):
@@ -102,8 +105,9 @@ def test_every_op_is_registered_with_its_file_as_group():
 @pytest.mark.parametrize("how", ["environment", "context"])
 def test_a_file_name_forces_every_op_of_the_file(monkeypatch, how):
     """modulation=triton forces both ops of modulation.py; an op's own name takes precedence; a
-    group's choice skips the ops that lack that backend (blend_normalize_ has torch only)."""
+    group's choice skips the ops that lack that backend (blend_normalize_ has no triton)."""
     free = "triton" if DEVICE == "cuda" else "torch"  # what automatic choice gives here
+    free_normalize = "ext" if _ext.why_not("blend_normalize_", DEVICE) is None else "torch"
     choices = {"modulation": "triton", "gated_residual": "torch", "tile_blend": "triton", "group_norm": "torch"}
 
     def forced():
@@ -112,7 +116,7 @@ def test_a_file_name_forces_every_op_of_the_file(monkeypatch, how):
                                                  "causal_conv3d")}
 
     expected = {"layer_norm_modulate": "triton", "gated_residual": "torch", "blend_tile_": "triton",
-                "blend_normalize_": "torch", "group_norm": "torch", "group_norm_fixed_stats": "torch",
+                "blend_normalize_": free_normalize, "group_norm": "torch", "group_norm_fixed_stats": "torch",
                 "causal_conv3d": free}
     if how == "environment":
         monkeypatch.setenv("OSP_BACKEND", ",".join(f"{k}={v}" for k, v in choices.items()))
@@ -122,7 +126,7 @@ def test_a_file_name_forces_every_op_of_the_file(monkeypatch, how):
             assert forced() == expected
         with use_backend("triton", modulation="torch"):  # the group beats the global choice
             assert select("layer_norm_modulate") == "torch" and select("causal_conv3d") == "triton"
-            assert select("blend_normalize_") == "torch"  # no triton backend: chooses freely
+            assert select("blend_normalize_") == free_normalize  # no triton backend: chooses freely
     with use_backend(modulation="torch"):  # the context beats the environment for the group too
         assert select("layer_norm_modulate") == "torch"
 
@@ -149,3 +153,28 @@ def test_blend_normalize_goes_through_dispatch(caplog):
         osp.ops.blend_normalize_(out, wsum)
     assert "osp.ops.blend_normalize_ -> torch (forced)" in [r.getMessage() for r in caplog.records]
     assert torch.equal(out, torch.full_like(out, 0.5))
+
+
+@pytest.mark.parametrize("how", ["argument", "automatic", "context", "environment"])
+def test_dispatch_traces_under_torch_compile_without_graph_breaks(monkeypatch, how):
+    """fullgraph=True: no graph break from the forced-choice lookup (context variable, environment),
+    the reasons or the logging; the context/environment choice in force at compile time is kept."""
+    x = torch.randn(2, 8, 3, 4, 5, device=DEVICE)
+    kwargs = {"backend": "torch"} if how == "argument" else {}
+    if how == "environment":
+        monkeypatch.setenv("OSP_BACKEND", "group_norm=torch")
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    fn = torch.compile(lambda x: osp.ops.group_norm(x, 4, act="silu", **kwargs) * 2, fullgraph=True, backend=capture)
+    if how == "context":
+        with use_backend(group_norm="torch"):
+            out = fn(x)
+    else:
+        out = fn(x)
+    torch.testing.assert_close(out, osp.ops.group_norm(x, 4, act="silu", backend="torch") * 2, rtol=1e-5, atol=1e-5)
+    if how != "automatic":
+        assert "group_norm" in graphs[-1] and "osp_C" not in graphs[-1]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import importlib.util
 import os
 import platform
 
@@ -35,20 +34,38 @@ def _device_line() -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no CUDA device"
 
 
+def _extension_lines() -> list:
+    """The compiled extension: where it is, its build metadata, the ops it serves, or why it is not used."""
+    from osp.ops import _ext
+
+    if not _ext.AVAILABLE:
+        return [f"compiled extension osp._C: not used: {_ext.REASON}"]
+    meta = _ext.METADATA
+    ops = "; ".join(f"{key}: {', '.join(names)}" for key, names in meta.get("ops", {}).items()) or "none"
+    return [
+        f"compiled extension osp._C: loaded from {_ext.LIBRARY}",
+        f"  built against torch {meta.get('torch')} with {meta.get('compiler', '?')}",
+        f"  CPU ISA levels built: {', '.join(meta.get('cpu_isas', []))}; usable here: {', '.join(_ext.cpu_isas())}; "
+        f"active: {_ext.cpu_isa()} (OSP_CPU_ISA={os.environ.get('OSP_CPU_ISA', '') or 'unset: the best usable'})",
+        "  CUDA: " + (f"CUDA {meta.get('cuda_version')}, archs {', '.join(meta.get('cuda_archs', []))}" if meta.get("cuda")
+                      else meta.get("cuda_reason") or "not built (osp._C_cuda: OSP_BUILD_CUDA with a CUDA torch)"),
+        f"  ops served: {ops}",
+    ]
+
+
 def info() -> str:
     """Versions, device, and for every op which backends run here and why not."""
     import osp
     from osp._utils import interpreting
     from osp.ops import registered_ops
 
-    ext = "built" if importlib.util.find_spec("osp._C") else "not built (csrc/ has no sources yet)"
     lines = [
         f"osp {osp.__version__}",
         f"python {platform.python_version()}, torch {torch.__version__}, triton {_version('triton')}"
         f" (TRITON_INTERPRET={'1' if interpreting() else '0'})",
         f"optional: diffusers {_version('diffusers')}, flash-attn {_version('flash-attn')}, "
         f"xformers {_version('xformers')}",
-        f"compiled extension osp._C: {ext}",
+        *_extension_lines(),
         f"device: {_device_line()}",
         f"OSP_BACKEND={os.environ.get('OSP_BACKEND', '') or '(unset: automatic choice)'}",
     ]

@@ -9,7 +9,7 @@ Every op treats dtypes, under torch.autocast too, as its torch counterpart does
 from ._dispatch import BACKEND_NAMES, BackendUnavailable, registered_ops, use_backend
 from .attention import attention, attention_reference
 from .causal_conv3d import causal_conv3d, causal_conv3d_reference
-from .group_norm import group_norm, group_norm_fixed_stats, group_norm_fixed_stats_reference, group_norm_reference
+from .group_norm import group_norm, group_norm_, group_norm_fixed_stats, group_norm_fixed_stats_reference, group_norm_reference
 from .tile_blend import blend_normalize_, blend_tile_, blend_tile_reference
 from .modulation import gated_residual, gated_residual_reference, layer_norm_modulate, layer_norm_modulate_reference
 
@@ -26,6 +26,7 @@ __all__ = [
     "gated_residual",
     "gated_residual_reference",
     "group_norm",
+    "group_norm_",
     "group_norm_fixed_stats",
     "group_norm_fixed_stats_reference",
     "group_norm_reference",

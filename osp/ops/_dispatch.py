@@ -13,6 +13,13 @@ backends are ValueErrors. Forcing a backend that cannot run this call raises Bac
 listing every backend's reason. The choice is logged once per (op, backend) on the ``osp.ops``
 logger.
 
+torch.compile: ``Op.dispatch`` traces without graph breaks (``torch.compile(fullgraph=True)``). The
+choice forced by the context manager or the environment is read by ``_context_choice``, which Dynamo
+runs once while tracing and treats as a constant (``osp._utils.trace_constant``, as
+``torch.compiler.assume_constant_result`` marks it), so a compiled function keeps the choice in force
+when it was compiled; the backends' ``why_not`` checks are plain Python on tensor metadata, which
+Dynamo traces (and guards); nothing is logged while compiling.
+
 Autocast: an op declares the policy of its torch counterpart (``osp.ops._dtypes``); ``Op.autocast``
 casts its inputs accordingly, and ``Op.dispatch`` runs the backend with autocast off.
 """
@@ -29,7 +36,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
-from .._utils import autocast_dtype
+from .._utils import autocast_dtype, trace_constant
 
 logger = logging.getLogger("osp.ops")
 
@@ -116,6 +123,20 @@ def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
         _OVERRIDE.reset(token)
 
 
+@trace_constant
+def _context_choice(name: str, group: str, backends: tuple) -> Optional[str]:
+    """The backend that ``use_backend`` or ``OSP_BACKEND`` forces on op ``name`` (of file ``group``,
+    with ``backends``), else None. Under torch.compile, evaluated once at trace time (a constant)."""
+    for source in (_OVERRIDE.get(), _parse_env(os.environ.get("OSP_BACKEND", ""))):
+        if name in source:  # validated: one of this op's backends
+            return source[name]
+        # A group's or a global choice applies to the ops that have such a backend; others choose freely.
+        for key in (group, "*"):
+            if source.get(key) in backends:
+                return source[key]
+    return None
+
+
 AutocastPolicy = Callable[[str, torch.dtype], Optional[torch.dtype]]
 
 
@@ -145,14 +166,7 @@ class Op:
                     f"osp.ops.{self.name}: unknown backend {backend!r}; expected one of {tuple(self.backends)}"
                 )
             return backend
-        for source in (_OVERRIDE.get(), _parse_env(os.environ.get("OSP_BACKEND", ""))):
-            if self.name in source:  # validated: one of this op's backends
-                return source[self.name]
-            # A group's or a global choice applies to the ops that have such a backend; others choose freely.
-            for key in (self.group, "*"):
-                if source.get(key) in self.backends:
-                    return source[key]
-        return None
+        return _context_choice(self.name, self.group, tuple(self.backends))
 
     def autocast(self, *tensors):
         """``tensors`` as torch.autocast hands them to this op's torch counterpart: under autocast on
@@ -199,7 +213,7 @@ class Op:
                 raise BackendUnavailable(f"osp.ops.{self.name}: no backend can run this call: {reasons}")
             why = "; ".join(f"{n} skipped: {r}" for n, r in reasons.items()) or "first choice"
         key = (self.name, chosen.name)
-        if key not in _LOGGED:
+        if not torch.compiler.is_compiling() and key not in _LOGGED:
             _LOGGED.add(key)
             logger.info("osp.ops.%s -> %s (%s)", self.name, chosen.name, why)
         return chosen

@@ -1,7 +1,10 @@
 """GroupNorm with a fused activation: ``act(group_norm(x))``, and the same with given statistics.
 
 ``group_norm``: backends, in automatic order: ``triton`` (kernels/group_norm.py, CUDA; CPU only
-through the interpreter when forced), ``torch`` (F.group_norm then the activation, eager).
+through the interpreter when forced), ``ext`` (the compiled ``osp_C::group_norm_act``: CPU, fp32,
+fp16 and bf16, forward and backward in one pass each; see osp.ops._ext), ``torch`` (F.group_norm
+then the activation, eager). ``group_norm_`` is the in-place form for inference (``ext``, else
+``torch``: the out-of-place op copied back).
 ``group_norm_fixed_stats`` normalizes with statistics passed in instead of the input's own (tiled
 VAE inference normalizes every tile with the statistics of the whole video); one backend,
 ``torch`` (elementwise in fp32). The float64 references ``group_norm_reference`` and
@@ -19,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .._utils import ACTIVATIONS, FLOAT_DTYPES
-from ._dispatch import Backend, Op
+from . import _ext
+from ._dispatch import Backend, BackendUnavailable, Op
 from ._dtypes import check_param_dtype, float32_except_cpu
 from ._triton import triton_why_not
 
@@ -136,10 +140,28 @@ def _triton_why_not(x, num_groups, weight, bias, eps, act, *, forced):
     return triton_why_not(x, forced=forced)
 
 
+def _ext_run(x, num_groups, weight, bias, eps, act):
+    return torch.ops.osp_C.group_norm_act(_dense(x), weight, bias, num_groups, float(eps), act == "silu")[0]
+
+
+def _ext_why_not(x, num_groups, weight, bias, eps, act, *, forced):
+    reason = _ext.why_not("group_norm_act", x.device.type)
+    if reason is not None:
+        return reason
+    if x.dtype == torch.float64:
+        return "float64 is not compiled in (fp32/fp16/bf16 only); the torch backend keeps float64"
+    if x.numel() == 0:
+        return "empty tensor"
+    if x.device.type == "cuda" and x.shape[0] * max(num_groups, x.shape[1]) > 65535:
+        return f"N*C={x.shape[0] * x.shape[1]} exceeds the CUDA kernels' grid dimension (65535)"
+    return None
+
+
 GROUP_NORM = Op(
     "group_norm",
     [
         Backend("triton", _triton_run, _triton_why_not),
+        Backend("ext", _ext_run, _ext_why_not),
         Backend("torch", _torch_run, _torch_why_not),
     ],
     probe=lambda device, dtype: ((torch.randn(1, 64, 5, 8, 8, device=device, dtype=dtype), 32, None, None, 1e-6, "silu"), {}),
@@ -161,7 +183,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
             bfloat16 x (as F.group_norm).
         eps: added to the variance.
         act: None or "silu" (x * sigmoid(x)), applied after the affine.
-        backend: force "triton" or "torch"; None chooses (see osp.ops.use_backend, OSP_BACKEND).
+        backend: force "triton", "ext" or "torch"; None chooses (see osp.ops.use_backend, OSP_BACKEND).
 
     Returns:
         act(group_norm(x)) with x's shape, dtype and memory format; float32 under CUDA autocast
@@ -171,6 +193,50 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     _check(x, num_groups, weight, bias, act)
     _check_eps(eps)
     return GROUP_NORM.dispatch((x, num_groups, weight, bias, eps, act), {}, backend)
+
+
+def _inplace_ext_run(x, num_groups, weight, bias, eps, act):
+    torch.ops.osp_C.group_norm_act_(x, weight, bias, num_groups, float(eps), act == "silu")
+    return x
+
+
+def _inplace_ext_why_not(x, num_groups, weight, bias, eps, act, *, forced):
+    reason = _ext_why_not(x, num_groups, weight, bias, eps, act, forced=forced)
+    if reason is None and not (x.is_contiguous() or x.movedim(1, -1).is_contiguous()):
+        return "x is neither contiguous nor dense channels-last (the kernel writes it in place)"
+    return reason
+
+
+def _inplace_torch_run(x, num_groups, weight, bias, eps, act):
+    return x.copy_(_torch_run(x, num_groups, weight, bias, eps, act))
+
+
+def group_norm_(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None, eps: float = 1e-6, *, act: Optional[str] = None,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """``group_norm`` written into x, for inference when the caller owns x (no second video-sized
+    buffer). Same arguments and dtype rule as ``group_norm`` (no autocast cast: x is written in its
+    own dtype). Not differentiable: call it under torch.no_grad() or on a tensor that needs no grad.
+    Backends (``backend=``; not in the registry, since nothing else routes in-place calls): ``ext``
+    (the compiled in-place op, dense x on CPU), ``torch`` (out of place, copied back); None takes
+    ``ext`` when it can run the call.
+
+    Returns:
+        x, holding act(group_norm(x)).
+    """
+    _check(x, num_groups, weight, bias, act, fn="group_norm_")
+    _check_eps(eps)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in (weight, bias))):
+        raise ValueError("group_norm_: writes x in place and records no gradient; call it under torch.no_grad() "
+                         "or use group_norm")
+    if backend not in (None, "ext", "torch"):
+        raise ValueError(f"osp.ops.group_norm_: unknown backend {backend!r}; expected one of ('ext', 'torch')")
+    reason = _inplace_ext_why_not(x, num_groups, weight, bias, eps, act, forced=backend == "ext")
+    if backend == "ext" and reason is not None:
+        raise BackendUnavailable(f"osp.ops.group_norm_: backend 'ext' was forced but cannot run this call: {reason}")
+    if backend != "torch" and reason is None:
+        return _inplace_ext_run(x, num_groups, weight, bias, eps, act)
+    return _inplace_torch_run(x, num_groups, weight, bias, eps, act)
 
 
 # ----------------------------------------------------------------------------- fixed statistics

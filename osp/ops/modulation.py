@@ -3,7 +3,9 @@
 ``layer_norm_modulate(x, shift, scale)`` = LayerNorm(x, no affine) * (1 + scale) + shift and
 ``gated_residual(x, gate, y)`` = x + gate * y, with x, y of shape (B, L, D) and the modulation
 tensors one D-vector per batch entry ((B, D), (B, 1, D)) or one for all ((D,), (1, D), (1, 1, D)).
-Backends: ``triton`` (kernels/modulation.py), ``torch`` (F.layer_norm / torch.addcmul, eager).
+Backends: ``triton`` (kernels/modulation.py), ``ext`` (the compiled ``osp_C::layer_norm_modulate``
+and ``osp_C::gated_residual``, CPU; gated_residual's only when x, gate and y share one dtype),
+``torch`` (F.layer_norm / torch.addcmul, eager).
 Both ops form the dispatch group ``modulation`` (``OSP_BACKEND=modulation=torch``).
 
 Dtypes: layer_norm_modulate follows F.layer_norm (shift and scale in x's dtype, or float32 next to
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .._utils import FLOAT_DTYPES
+from . import _ext
 from ._dispatch import Backend, Op
 from ._dtypes import check_param_dtype, float32_except_cpu
 from ._triton import triton_why_not
@@ -111,11 +114,26 @@ def _triton_why_not(x, *rest, forced):
     return triton_why_not(x, forced=forced)
 
 
+def _lnm_ext_run(x, shift, scale, eps):
+    x = x if x.is_contiguous() else x.contiguous()
+    return torch.ops.osp_C.layer_norm_modulate(x, _rows(shift), _rows(scale), float(eps))[0]
+
+
+def _lnm_ext_why_not(x, shift, scale, eps, *, forced):
+    reason = _ext.why_not("layer_norm_modulate", x.device.type)
+    if reason is None and x.dtype == torch.float64:
+        reason = "float64 is not compiled in (fp32/fp16/bf16 only); the torch backend keeps float64"
+    if reason is None and x.numel() == 0:
+        reason = "empty tensor"
+    return reason
+
+
 LAYER_NORM_MODULATE = Op(
     "layer_norm_modulate",
     [
         Backend("triton", lambda x, shift, scale, eps: _LayerNormModulate.apply(x, shift, scale, float(eps)),
                 _triton_why_not),
+        Backend("ext", _lnm_ext_run, _lnm_ext_why_not),
         Backend("torch", _lnm_torch, lambda *a, forced: None),
     ],
     probe=lambda device, dtype: ((torch.randn(2, 16, 72, device=device, dtype=dtype),
@@ -135,7 +153,7 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
         shift, scale: (B, D) or (B, 1, D) per batch entry, or (D,), (1, D), (1, 1, D) for all; x's
             dtype, or float32 next to a float16/bfloat16 x (as F.layer_norm's weight and bias).
         eps: added to the variance (1e-6 in Latte / PixArt).
-        backend: force "triton" or "torch".
+        backend: force "triton", "ext" or "torch".
 
     Returns:
         (B, L, D) contiguous, x's dtype (float32 under CUDA autocast, as F.layer_norm):
@@ -178,10 +196,27 @@ class _GatedResidual(torch.autograd.Function):
         return dout, _reduce_like(dgate, gate), dy
 
 
+def _gated_ext_run(x, gate, y):
+    x = x if x.is_contiguous() else x.contiguous()
+    y = y if y.is_contiguous() else y.contiguous()
+    return torch.ops.osp_C.gated_residual(x, _rows(gate), y)
+
+
+def _gated_ext_why_not(x, gate, y, *, forced):
+    reason = _ext.why_not("gated_residual", x.device.type)
+    if reason is None and not (x.dtype == gate.dtype == y.dtype and x.dtype != torch.float64):
+        reason = (f"x {x.dtype}, gate {gate.dtype}, y {y.dtype}: the kernel takes one dtype, float32, float16 "
+                  "or bfloat16 (the torch backend promotes)")
+    if reason is None and x.numel() == 0:
+        reason = "empty tensor"
+    return reason
+
+
 GATED_RESIDUAL = Op(
     "gated_residual",
     [
         Backend("triton", _GatedResidual.apply, _triton_why_not),
+        Backend("ext", _gated_ext_run, _gated_ext_why_not),
         Backend("torch", lambda x, gate, y: torch.addcmul(x, _as3(gate), y), lambda *a, forced: None),
     ],
     probe=lambda device, dtype: ((torch.randn(2, 16, 72, device=device, dtype=dtype),
@@ -198,7 +233,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *,
     Args:
         x, y: (B, L, D), same shape and device.
         gate: (B, D) or (B, 1, D) per batch entry, or (D,), (1, D), (1, 1, D) for all.
-        backend: force "triton" or "torch".
+        backend: force "triton", "ext" or "torch".
 
     Returns:
         (B, L, D) in the promoted dtype of x, gate and y (as ``x + gate * y``; autocast does not

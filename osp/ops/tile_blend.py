@@ -6,9 +6,10 @@ Each tile is weighted by a separable product of linear ramps over its overlaps, 
 linearly and every covered position ends as a convex combination of the tiles covering it:
 no per-row Python loops, no concatenation of tiles, no weighted copy of a tile.
 
-Backends of ``blend_tile_``: ``triton`` (kernels/tile_blend.py), ``torch`` (in-place add of the
-weighted tile, one temporary of the tile's size). ``blend_normalize_`` has one backend, ``torch``:
-``out.div_(wsum)`` is already a single broadcast pass over out, which a kernel could not beat.
+Backends of ``blend_tile_``: ``triton`` (kernels/tile_blend.py), ``ext`` (the compiled
+``osp_C::blend_tile_``, CPU: one vectorized pass per tile row, no temporary), ``torch`` (in-place
+add of the weighted tile, one temporary of the tile's size). ``blend_normalize_``: ``ext`` (CPU,
+contiguous fp32/fp16/bf16 out), ``torch`` (``out.div_(wsum)``, a single broadcast pass).
 Both ops form the dispatch group ``tile_blend`` (``OSP_BACKEND=tile_blend=torch``).
 
 Dtypes: both write in place in out's dtype (as ``out += ...`` and ``out /= ...`` do; autocast
@@ -21,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .._utils import FLOAT_DTYPES
+from . import _ext
 from ._dispatch import Backend, Op
 from ._triton import triton_why_not
 
@@ -111,7 +113,22 @@ def _probe(device, dtype):
             (0, 4, 4), (0, 2, 2), (0, 2, 2)), {}
 
 
+_EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _ext_why_not(out, wsum, tile, offset, lo, hi, *, forced):
+    reason = _ext.why_not("blend_tile_", out.device.type)
+    if reason is None and (out.dtype not in _EXT_DTYPES or tile.dtype not in _EXT_DTYPES):
+        reason = f"out {out.dtype} / tile {tile.dtype}: the kernel takes float32, float16 and bfloat16"
+    return reason
+
+
+def _ext_run(out, wsum, tile, offset, lo, hi):
+    torch.ops.osp_C.blend_tile_(out, wsum, tile, list(offset), list(lo), list(hi))
+
+
 BLEND_TILE = Op("blend_tile_", [Backend("triton", _triton_run, _triton_why_not),
+                                Backend("ext", _ext_run, _ext_why_not),
                                 Backend("torch", _torch_run, lambda *a, forced: None)], probe=_probe,
                 group="tile_blend")
 
@@ -126,7 +143,7 @@ def blend_tile_(out: torch.Tensor, wsum: torch.Tensor, tile: torch.Tensor, offse
         tile: (B, C, t, h, w), any strides and float dtype, placed at ``offset`` = (t0, h0, w0).
         overlap_lo, overlap_hi: (t, h, w) lengths of the ramps at the tile's start and end along each
             axis: the overlap with the previous and the next tile (0 at the output's borders).
-        backend: force "triton" or "torch".
+        backend: force "triton", "ext" or "torch".
     Tiles may arrive in any order; ``blend_normalize_`` finishes the output.
     """
     offset, lo, hi = _check(out, wsum, tile, offset, overlap_lo, overlap_hi)
@@ -148,9 +165,24 @@ def _check_normalize(out, wsum):
         raise ValueError("blend_normalize_: some output positions were covered by no tile (weight sum 0)")
 
 
+def _normalize_ext_why_not(out, wsum, *, forced):
+    reason = _ext.why_not("blend_normalize_", out.device.type)
+    if reason is None and (out.dtype not in _EXT_DTYPES or not out.is_contiguous()):
+        reason = f"out is {out.dtype}, contiguous={out.is_contiguous()}: the kernel takes contiguous fp32/fp16/bf16"
+    if reason is None and (wsum.dtype != torch.float32 or not wsum.is_contiguous()):
+        reason = "wsum is not a contiguous float32 tensor"
+    return reason
+
+
+def _normalize_ext_run(out, wsum):
+    torch.ops.osp_C.blend_normalize_(out, wsum)
+    return out
+
+
 BLEND_NORMALIZE = Op(
     "blend_normalize_",
-    [Backend("torch", lambda out, wsum: out.div_(wsum), lambda *a, forced: None)],
+    [Backend("ext", _normalize_ext_run, _normalize_ext_why_not),
+     Backend("torch", lambda out, wsum: out.div_(wsum), lambda *a, forced: None)],
     probe=lambda device, dtype: ((torch.randn(1, 3, 5, 16, 16, device=device, dtype=dtype),
                                   torch.rand(5, 16, 16, device=device) + 0.5), {}),
     group="tile_blend",
@@ -164,7 +196,7 @@ def blend_normalize_(out: torch.Tensor, wsum: torch.Tensor, *, backend: Optional
         out: (B, C, T, H, W) accumulator that ``blend_tile_`` filled, any float dtype.
         wsum: (T, H, W) weight sum (float32 from ``blend_tile_``; any float dtype), > 0 everywhere:
             a position no tile covered is a ValueError.
-        backend: force "torch" (the only backend).
+        backend: force "ext" or "torch".
 
     Returns:
         out itself, divided in the promoted dtype of out and wsum (fp32 for a 16-bit out) and stored
