@@ -127,7 +127,10 @@ def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
 def _context_choice(name: str, group: str, backends: tuple) -> Optional[str]:
     """The backend that ``use_backend`` or ``OSP_BACKEND`` forces on op ``name`` (of file ``group``,
     with ``backends``), else None. Under torch.compile, evaluated once at trace time (a constant)."""
-    for source in (_OVERRIDE.get(), _parse_env(os.environ.get("OSP_BACKEND", ""))):
+    override, env = _OVERRIDE.get(), os.environ.get("OSP_BACKEND")
+    if not override and not env:  # the common case, on every call: nothing forced
+        return None
+    for source in (override, _parse_env(env or "")):
         if name in source:  # validated: one of this op's backends
             return source[name]
         # A group's or a global choice applies to the ops that have such a backend; others choose freely.
@@ -200,7 +203,7 @@ class Op:
                 )
                 lines = "\n".join(f"  {n}: {r}" for n, r in reasons.items())
                 raise BackendUnavailable(f"osp.ops.{self.name}: backend {forced!r} was forced but cannot run this call:\n{lines}")
-            chosen, why = self.backends[forced], "forced"
+            chosen, reasons = self.backends[forced], None
         else:
             reasons = {}
             for b in self.backends.values():
@@ -211,10 +214,11 @@ class Op:
                 reasons[b.name] = reason
             else:  # the last backend is the reference, which runs anything valid
                 raise BackendUnavailable(f"osp.ops.{self.name}: no backend can run this call: {reasons}")
-            why = "; ".join(f"{n} skipped: {r}" for n, r in reasons.items()) or "first choice"
         key = (self.name, chosen.name)
         if not torch.compiler.is_compiling() and key not in _LOGGED:
             _LOGGED.add(key)
+            why = "forced" if reasons is None else (
+                "; ".join(f"{n} skipped: {r}" for n, r in reasons.items()) or "first choice")
             logger.info("osp.ops.%s -> %s (%s)", self.name, chosen.name, why)
         return chosen
 
