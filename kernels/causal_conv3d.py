@@ -5,6 +5,11 @@ is read through a (kt, kh, kw, Cin, Cout) contiguous permutation so that weight 
 contiguous along the channels. Causal padding is index arithmetic: tap i of output frame t reads
 input frame max(t*st + i - (kt-1), 0) (frame 0 stands in for the replicated frames), and spatial
 zero padding is a masked load. No padded copy of x is ever built.
+Nearest upsampling folded in (upsample=(uh, uw)): the conv reads the virtual input
+xu[..., hu, wu] = x[..., hu // uh, wu // uw] of size (uh*H, uw*W) by index arithmetic, so the
+upsampled tensor is never built. dx gathers, for each source pixel, the uh*uw virtual positions it
+stands for (one pass over the taps per replica, summed in the fp32 accumulator); dweight reads x
+the same way as the forward. uh = uw = 1 (the usual conv) arrives as a compile-time constant.
 Streaming (history=): the forward reads x = cat([history, x]) with output frame t at input frame
 t + T0 (T0 = kt-1), so the clamp never fires; T0 = 0 otherwise. The backward kernels assume T0 = 0.
 
@@ -61,7 +66,7 @@ def _fwd_kernel(X, WT, B, R, Y,
                 swt, swh, sww, swc, swo,
                 srn, src, srt, srh, srw,
                 syn, syc, syt, syh, syw,
-                ST, SH, SW, PH, PW,
+                ST, SH, SW, PH, PW, UH, UW,
                 KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -92,10 +97,10 @@ def _fwd_kernel(X, WT, B, R, Y,
         c0 = (k % n_cb) * BLOCK_K
         i, j, l = _split_tap(tap, KH, KW)
         ti = tl.maximum(t_base + i, 0)  # the causal clamp: frame 0 stands in for the padding
-        hi = h_base + j
+        hi = h_base + j  # in the (upsampled) virtual input; the source pixel is (hi // UH, wi // UW)
         wi = w_base + l
-        row_ok = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        row_off = x_row + ti.to(tl.int64) * sxt + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+        row_ok = m_mask & (hi >= 0) & (hi < H * UH) & (wi >= 0) & (wi < W * UW)
+        row_off = x_row + ti.to(tl.int64) * sxt + (hi // UH).to(tl.int64) * sxh + (wi // UW).to(tl.int64) * sxw
         offs_c = c0 + offs_k
         c_mask = offs_c < Cin
         a = tl.load(X + row_off[:, None] + offs_c.to(tl.int64)[None, :] * sxc,
@@ -125,7 +130,7 @@ def _dx_kernel(DY, WT, DX,
                sdn, sdc, sdt, sdh, sdw,
                swt, swh, sww, swc, swo,
                sxn, sxc, sxt, sxh, sxw,
-               ST, SH, SW, PH, PW,
+               ST, SH, SW, PH, PW, UH, UW,
                KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                UPCAST: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -151,12 +156,19 @@ def _dx_kernel(DY, WT, DX,
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_ob = tl.cdiv(Cout, BLOCK_K)
+    # Upsampled (UH*UW > 1): source pixel (h, w) stands for the virtual pixels (h*UH + a, w*UW + b);
+    # their gradients are summed (k runs over the replicas too, replica-major).
+    n_sub = UH * UW
     for p in range(0, n_pass):
         # Pass p > 0 only needs the taps i <= kt-1 - p*st (taps are numbered i-major).
         n_taps = (KT - p * ST) * KH * KW
-        for k in range(0, n_taps * n_ob):
-            tap = k // n_ob
-            o0 = (k % n_ob) * BLOCK_K
+        for k in range(0, n_sub * n_taps * n_ob):
+            sub = k // (n_taps * n_ob)
+            kk = k % (n_taps * n_ob)
+            tap = kk // n_ob
+            o0 = (kk % n_ob) * BLOCK_K
+            hv = h * UH + sub // UW
+            wv = w * UW + sub % UW
             i, j, l = _split_tap(tap, KH, KW)
             # t > 0: the one output frame whose tap i reads t exactly (first pass only).
             num_t = t + (KT - 1) - i
@@ -166,10 +178,10 @@ def _dx_kernel(DY, WT, DX,
             # t == 0: output frame p reads frame 0 through tap i when p*st + i - (kt-1) <= 0.
             ok_t = ok_t | ((t == 0) & (pv * ST + i <= KT - 1) & (pv < T_out))
             to = tl.where(t == 0, pv, to)
-            num_h = h + PH - j
+            num_h = hv + PH - j
             ho = num_h // SH
             ok_h = (num_h >= 0) & (num_h % SH == 0) & (ho < H_out)
-            num_w = w + PW - l
+            num_w = wv + PW - l
             wo = num_w // SW
             ok_w = (num_w >= 0) & (num_w % SW == 0) & (wo < W_out)
             row_ok = m_mask & ok_t & ok_h & ok_w
@@ -193,7 +205,7 @@ def _dw_kernel(X, DY, PART,
                P, Cin, Cout, H, W, T_out, H_out, W_out, n_cib, p_per_split,
                sxn, sxc, sxt, sxh, sxw,
                sdn, sdc, sdt, sdh, sdw,
-               ST, SH, SW, PH, PW,
+               ST, SH, SW, PH, PW, UH, UW,
                KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                UPCAST: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -222,9 +234,9 @@ def _dw_kernel(X, DY, PART,
         ti = tl.maximum(to * ST + i - (KT - 1), 0)
         hi = ho * SH + j - PH
         wi = wo * SW + l - PW
-        x_ok = p_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        x_ok = p_mask & (hi >= 0) & (hi < H * UH) & (wi >= 0) & (wi < W * UW)
         dy_off = nb * sdn + to.to(tl.int64) * sdt + ho.to(tl.int64) * sdh + wo.to(tl.int64) * sdw
-        x_off = nb * sxn + ti.to(tl.int64) * sxt + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+        x_off = nb * sxn + ti.to(tl.int64) * sxt + (hi // UH).to(tl.int64) * sxh + (wi // UW).to(tl.int64) * sxw
         a = tl.load(DY + dy_col[:, None] + dy_off[None, :], mask=co_mask[:, None] & p_mask[None, :], other=0.0)
         b = tl.load(X + x_off[:, None] + x_col[None, :], mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
         acc = _mma(a, b, acc, UPCAST, IEEE)
@@ -268,10 +280,11 @@ def _permuted_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
-            residual: Optional[torch.Tensor], out_shape, t0: int = 0) -> torch.Tensor:
+            residual: Optional[torch.Tensor], out_shape, t0: int = 0, upsample=(1, 1)) -> torch.Tensor:
     """y = causal_conv3d(x) (+ bias + residual), in x's dtype and memory format.
 
-    t0 > 0 shifts output frame t to read x's frames from t + t0 - (kt-1): with t0 = kt-1 and x =
+    upsample = (uh, uw): the conv reads x nearest-upsampled by (uh, uw) in H and W (index arithmetic);
+    out_shape must be the output for that upsampled input. t0 > 0 shifts output frame t to read x's frames from t + t0 - (kt-1): with t0 = kt-1 and x =
     cat([history, x]) (out_shape's T_out = x's T - t0) that is the streaming conv, no replication."""
     N, Cin, T, H, W = x.shape
     Cout, _, KT, KH, KW = weight.shape
@@ -289,15 +302,17 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         x, wt, bias if bias is not None else y, r, y,
         M, Cin, Cout, H, W, T_out, H_out, W_out, t0,
         *x.stride(), *wt.stride(), *r.stride(), *y.stride(),
-        st, sh, sw, ph, pw,
+        st, sh, sw, ph, pw, *upsample,
         KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         UPCAST=upcast, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return y
 
 
-def backward_dx(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride, padding) -> torch.Tensor:
-    """dL/dx for dy of the output's shape (any strides); dx has x's shape, dtype and memory format."""
+def backward_dx(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride, padding,
+                upsample=(1, 1)) -> torch.Tensor:
+    """dL/dx for dy of the output's shape (any strides); dx has x's shape, dtype and memory format.
+    With upsample = (uh, uw) each element of dx sums the gradients of the uh*uw pixels it was copied to."""
     N, Cin, T, H, W = x.shape
     Cout, _, KT, KH, KW = weight.shape
     _, _, T_out, H_out, W_out = dy.shape
@@ -313,15 +328,16 @@ def backward_dx(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride,
         dy, wt, dx,
         M, Cin, Cout, T, H, W, T_out, H_out, W_out,
         *dy.stride(), *wt.stride(), *dx.stride(),
-        st, sh, sw, ph, pw,
+        st, sh, sw, ph, pw, *upsample,
         KT=KT, KH=KH, KW=KW, UPCAST=upcast, IEEE=ieee,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return dx
 
 
-def backward_dw(dy: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding) -> torch.Tensor:
-    """dL/dweight in fp32, shape (Cout, Cin, kt, kh, kw); split-K partials summed here (deterministic)."""
+def backward_dw(dy: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding, upsample=(1, 1)) -> torch.Tensor:
+    """dL/dweight in fp32, shape (Cout, Cin, kt, kh, kw); split-K partials summed here (deterministic).
+    upsample = (uh, uw): x is read nearest-upsampled, as in the forward."""
     N, Cin, T, H, W = x.shape
     Cout, _, KT, KH, KW = weight_shape
     _, _, T_out, H_out, W_out = dy.shape
@@ -349,7 +365,7 @@ def backward_dw(dy: torch.Tensor, x: torch.Tensor, weight_shape, stride, padding
         x, dy, part,
         P, Cin, Cout, H, W, T_out, H_out, W_out, n_cib, p_per_split,
         *x.stride(), *dy.stride(),
-        st, sh, sw, ph, pw,
+        st, sh, sw, ph, pw, *upsample,
         KT=KT, KH=KH, KW=KW, UPCAST=upcast, IEEE=ieee,
         BLOCK_CO=b_co, BLOCK_CI=b_ci, BLOCK_P=b_p, num_warps=warps, num_stages=stages,
     )

@@ -1,6 +1,7 @@
 """osp.ops.causal_conv3d and osp.nn.CausalConv3d: every backend against the float64 reference,
 forward and all gradients (dx, dweight, dbias, dresidual) under a random upstream gradient; the
-streaming history= form (chunked video) against the same reference."""
+streaming history= form (chunked video) against the same reference; the folded nearest upsample
+(upsample=(1, 2, 2)) against interpolate-then-conv, and that it never builds the upsampled tensor."""
 import itertools
 import zlib
 
@@ -365,6 +366,169 @@ def test_history_dtype_follows_the_rule():
         torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
 
 
+# Folded nearest x2 upsampling (upsample=(1, 2, 2)): (id, (N, Cin, Cout, T, H, W), kernel, stride,
+# padding, residual). SpatialUpsample2x's (1,3,3) p1 with T = 1 and odd H/W, batch > 1 with the
+# residual epilogue, a causal kt = 3 (frame-0 passes of dx with replicas), temporal stride 2 with a
+# 1x1 spatial kernel, and a 3x5 kernel with 70 channels (two channel blocks in the interpreter).
+UPSAMPLE_CASES = [
+    ("k133-p1-T1-odd", (1, 3, 5, 1, 5, 7), (1, 3, 3), (1, 1, 1), 1, False),
+    ("k133-p1-T5-N2-res", (2, 4, 3, 5, 4, 3), (1, 3, 3), (1, 1, 1), 1, True),
+    ("k333-p1-T5", (1, 3, 4, 5, 3, 5), (3, 3, 3), (1, 1, 1), 1, False),
+    ("k311-s211-p0-T9", (1, 3, 4, 9, 3, 2), (3, 1, 1), (2, 1, 1), 0, False),
+    ("k135-p12-C70", (1, 70, 6, 1, 3, 3), (1, 3, 5), (1, 1, 1), (1, 2), False),
+]
+UPSAMPLE_PARAMS = [(c[1:], lay) for c in UPSAMPLE_CASES for lay in LAYOUTS]
+UPSAMPLE_IDS = [f"{c[0]}-{lay}" for c in UPSAMPLE_CASES for lay in LAYOUTS]
+
+
+def upstream_upsample_conv(x, w, b, stride, padding, residual=None):
+    """Open-Sora-Plan's SpatialUpsample2x: F.interpolate nearest x2 in H and W, then the causal conv."""
+    xu = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+    return upstream_causal_conv3d(xu, w, b, stride, padding, residual)
+
+
+def check_upsample_against_reference(sizes, kernel, stride, padding, with_residual, layout, dtype, backend):
+    N, Cin, Cout, T, H, W = sizes
+    seed = stable_seed("upsample", sizes, kernel, stride, padding, layout, str(dtype))
+    torch.manual_seed(seed)
+    x = make_input((N, Cin, T, H, W), layout, dtype)
+    fan_in = Cin * kernel[0] * kernel[1] * kernel[2]
+    w = (torch.randn(Cout, Cin, *kernel, device=DEVICE) / fan_in ** 0.5).to(dtype)
+    b = (torch.randn(Cout, device=DEVICE) * 0.5).to(dtype)
+    shape = causal_conv3d_reference(x, w, b, stride=stride, padding=padding, upsample=(1, 2, 2)).shape
+    assert shape[3:] == (2 * H, 2 * W)
+    res = make_input(tuple(shape), layout, dtype) if with_residual else None
+    leaves = [t for t in (x, w, b, res) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+
+    out = causal_conv3d(x, w, b, stride=stride, padding=padding, residual=res, upsample=(1, 2, 2), backend=backend)
+    assert out.shape == shape and out.dtype == dtype, f"seed {seed}"
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt), f"output must keep the input's memory format (seed {seed})"
+    dy = torch.randn(out.shape, device=DEVICE).to(dtype)
+    grads = torch.autograd.grad(out, leaves, dy)
+    assert grads[0].shape == x.shape
+
+    torch_out = upstream_upsample_conv(x, w, b, stride, padding, res)  # PyTorch in dtype: the tolerance
+    torch_grads = torch.autograd.grad(torch_out, leaves, dy)
+    leaves64 = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    ref = upstream_upsample_conv(*leaves64[:3], stride, padding, leaves64[3] if with_residual else None)
+    assert torch.equal(ref, causal_conv3d_reference(*leaves64[:3], stride=stride, padding=padding,
+                                                    residual=leaves64[3] if with_residual else None,
+                                                    upsample=(1, 2, 2)))
+    ref_grads = torch.autograd.grad(ref, leaves64, dy.double().cpu())
+
+    assert_parity(out, ref, torch_out, f"y (seed {seed})")
+    for name, g, tg, rg in zip(["dx", "dweight", "dbias", "dresidual"], grads, torch_grads, ref_grads):
+        assert g.dtype == dtype, f"{name} has dtype {g.dtype} (seed {seed})"
+        assert_parity(g, rg, tg, f"{name} (seed {seed})")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case,layout", UPSAMPLE_PARAMS, ids=UPSAMPLE_IDS)
+def test_upsample_matches_interpolate_then_conv(case, layout, dtype, backend):
+    check_upsample_against_reference(*case, layout, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_upsample_strided_view(backend):
+    check_upsample_against_reference((2, 3, 4, 2, 3, 5), (1, 3, 3), (1, 1, 1), 1, False, "strided-view",
+                                     torch.float32, backend)
+
+
+def test_upsample_torch_form_is_exact_in_float64():
+    """The sub-pixel form (summed taps per output phase) is an identity, not an approximation:
+    float64 forward and gradients equal interpolate-then-conv to rounding, for odd kernels 1..5."""
+    torch.manual_seed(5)
+    for kernel in ((1, 3, 3), (2, 5, 3), (1, 1, 1), (3, 3, 5)):
+        pad = ((kernel[1] - 1) // 2, (kernel[2] - 1) // 2)
+        leaves = [torch.randn(2, 3, 3, 4, 5, dtype=torch.float64), torch.randn(4, 3, *kernel, dtype=torch.float64),
+                  torch.randn(4, dtype=torch.float64)]
+        a = [t.clone().requires_grad_(True) for t in leaves]
+        b = [t.clone().requires_grad_(True) for t in leaves]
+        out = causal_conv3d(*a, padding=pad, upsample=(1, 2, 2), backend="torch")
+        ref = upstream_upsample_conv(*b, (1, 1, 1), pad)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, msg=f"kernel {kernel}")
+        dy = torch.randn_like(ref)
+        for name, g, rg in zip(["dx", "dweight", "dbias"], torch.autograd.grad(out, a, dy), torch.autograd.grad(ref, b, dy)):
+            torch.testing.assert_close(g, rg, rtol=1e-12, atol=1e-12, msg=f"{name}, kernel {kernel}")
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest size in bytes of any tensor an op returns while active (bytes: the Triton
+    interpreter moves kernel arguments as uint8 views of their storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.largest:
+                self.largest, self.op = t.numel() * t.element_size(), str(func)
+        return result
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_upsample_never_builds_the_upsampled_input(backend):
+    """With Cout << Cin the output is far smaller than the upsampled input (4x x): no tensor of the
+    forward or the backward may be that large (the largest legitimate ones: x-sized gradients)."""
+    x_bytes = 16 * 2 * 6 * 5 * 4
+    torch.manual_seed(6)
+    x = torch.randn(1, 16, 2, 6, 5, device=DEVICE, requires_grad=True)
+    w = (torch.randn(2, 16, 1, 3, 3, device=DEVICE) / 12).requires_grad_(True)
+    b = torch.randn(2, device=DEVICE, requires_grad=True)
+    with _LargestTensor() as fwd:
+        out = causal_conv3d(x, w, b, padding=1, upsample=(1, 2, 2), backend=backend)
+    assert out.numel() == x.numel() // 2
+    with _LargestTensor() as bwd:
+        out.backward(torch.randn_like(out))
+    for name, seen in (("forward", fwd), ("backward", bwd)):
+        assert seen.largest <= x_bytes, f"{name}: {seen.op} made a tensor of {seen.largest} bytes (x has {x_bytes})"
+    with _LargestTensor() as unfused:  # the check sees the upsampled tensor where it exists
+        upstream_upsample_conv(x, w, b, (1, 1, 1), 1)
+    assert unfused.largest == 4 * x_bytes
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_upsample_with_history(backend):
+    """Streaming and the folded upsample combine: history is at x's (un-upsampled) size."""
+    torch.manual_seed(7)
+    x, hist = torch.randn(1, 3, 3, 4, 3, device=DEVICE), torch.randn(1, 3, 2, 4, 3, device=DEVICE)
+    w, b = torch.randn(4, 3, 3, 3, 3, device=DEVICE) / 9, torch.randn(4, device=DEVICE)
+    with torch.no_grad():
+        out = causal_conv3d(x, w, b, padding=1, history=hist, upsample=(1, 2, 2), backend=backend)
+    up = lambda t: F.interpolate(t, scale_factor=(1.0, 2.0, 2.0), mode="nearest")  # noqa: E731
+    expected = streaming_causal_conv3d(up(x).double(), w.double(), b.double(), (1, 1, 1), 1, None, up(hist).double())
+    ref = causal_conv3d_reference(x, w, b, padding=1, history=hist, upsample=(1, 2, 2))
+    torch.testing.assert_close(ref, expected.cpu(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nn_spatial_upsample_folds_the_interpolation():
+    """CausalConv3d(x, upsample=(1, 2, 2)) and the VAE's SpatialUpsample2x equal interpolate-then-conv,
+    keep upstream's parameter names, and a streamed empty chunk has the upsampled shape."""
+    from osp.models.vae.blocks import SpatialUpsample2x
+
+    torch.manual_seed(8)
+    m = SpatialUpsample2x(6, 4).to(DEVICE)
+    assert set(m.state_dict()) == {"conv.conv.weight", "conv.conv.bias"}
+    x = make_input((2, 6, 3, 5, 4), "channels_last", torch.float32)
+    expected = upstream_upsample_conv(x.double(), m.conv.conv.weight.double(), m.conv.conv.bias.double(), (1, 1, 1), 1)
+    for backend in ("triton", "torch"):
+        with osp.ops.use_backend(backend):
+            torch.testing.assert_close(m(x).double(), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(m.conv(x, upsample=(1, 2, 2)).double(), expected, rtol=1e-5, atol=1e-5)
+    m.conv.stream_state = {}
+    assert m(x[:, :, :0]).shape == (2, 4, 0, 10, 8)
+    m.conv.stream_state = None
+    with pytest.raises(ValueError, match=r"upsample=\(1, 3, 3\)"):
+        m.conv(x, upsample=(1, 3, 3))
+
+
 X = torch.randn(2, 3, 5, 6, 6)
 WGT = torch.randn(4, 3, 3, 3, 3)
 
@@ -406,12 +570,22 @@ WGT = torch.randn(4, 3, 3, 3, 3)
         (lambda: causal_conv3d(X, WGT, torch.randn(4, dtype=torch.float64)), r"bias has dtype torch.float64 but x has torch.float32"),
         (lambda: causal_conv3d(X, WGT, residual=torch.randn(2, 4, 5, 4, 4).half()),
          r"residual has dtype torch.float16 but x has torch.float32; expected one dtype"),
+        (lambda: causal_conv3d(X, WGT, padding=1, upsample=(1, 3, 3)), r"upsample=\(1, 3, 3\); expected None or \(1, 2, 2\)"),
+        (lambda: causal_conv3d(X, WGT, padding=1, upsample=2), r"upsample=2; expected None or \(1, 2, 2\)"),
+        (lambda: causal_conv3d(X, WGT, padding=1, upsample=(2, 2, 2)), r"upsample=\(2, 2, 2\)"),
+        (lambda: causal_conv3d(X, WGT, stride=(1, 2, 2), padding=1, upsample=(1, 2, 2)),
+         r"upsample=\(1, 2, 2\) with stride \(1, 2, 2\); expected spatial stride 1"),
+        (lambda: causal_conv3d(X, WGT, padding=0, upsample=(1, 2, 2)),
+         r"upsample=\(1, 2, 2\) with padding \(0, 0\); expected the \"same\" padding \(1, 1\)"),
+        (lambda: causal_conv3d(X, torch.randn(4, 3, 1, 2, 3), padding=(0, 1), upsample=(1, 2, 2)),
+         r"upsample=\(1, 2, 2\) with an even spatial kernel \(2, 3\)"),
     ],
     ids=["x-rank-4", "x-integer", "weight-rank-4", "channel-mismatch", "weight-integer", "bias-size", "zero-stride",
          "stride-2-tuple", "negative-padding", "temporal-padding", "residual-shape", "residual-integer",
          "output-empty", "zero-frames", "device-mismatch", "unknown-backend", "history-frames", "history-height",
          "history-temporal-stride", "history-kt-1", "history-not-tensor", "history-integer", "history-device",
-         "mixed-weight-dtype", "mixed-bias-dtype", "mixed-residual-dtype"],
+         "mixed-weight-dtype", "mixed-bias-dtype", "mixed-residual-dtype", "upsample-factor-3", "upsample-int",
+         "upsample-in-time", "upsample-spatial-stride", "upsample-padding-0", "upsample-even-kernel"],
 )
 def test_bad_arguments_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):

@@ -170,6 +170,120 @@ def test_in_place_form_falls_back_and_refuses_gradients():
         group_norm_(torch.randn(2, 8, 4), 4, backend="triton")
 
 
+def test_in_place_form_honours_a_forced_backend():
+    """use_backend / OSP_BACKEND forcing group_norm applies to group_norm_: a forced torch or triton
+    runs out of place and is copied back, and group_norm_in_place_why_not says so."""
+    from osp.ops.group_norm import group_norm_in_place_why_not
+
+    x = make_input((2, 8, 3, 4, 6), "contiguous", torch.float32)
+    expected = group_norm(x, 4, act="silu", backend="torch")
+    with osp.ops.use_backend("torch"):
+        assert "group_norm's backend 'torch' is forced" in group_norm_in_place_why_not(x, 4, act="silu")
+        with torch.no_grad():
+            assert group_norm_(x, 4, act="silu") is x
+    torch.testing.assert_close(x, expected)
+    with pytest.raises(ValueError, match="unknown backend 'triton'"):
+        group_norm_in_place_why_not(x, 4, backend="triton")
+    if _ext.AVAILABLE and DEVICE == "cpu":
+        assert group_norm_in_place_why_not(x, 4, act="silu") is None
+        assert "neither contiguous nor dense" in group_norm_in_place_why_not(x[..., ::2], 4)
+
+
+def _spy_in_place(monkeypatch):
+    """Record the data pointer of every tensor osp.nn.GroupNorm hands to the in-place op."""
+    import osp.nn.group_norm as nn_group_norm
+
+    calls, real = [], nn_group_norm.group_norm_
+    monkeypatch.setattr(nn_group_norm, "group_norm_", lambda x, *a, **k: calls.append(x.data_ptr()) or real(x, *a, **k))
+    return calls
+
+
+@needs_ext
+@on_cpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_module_in_place_only_without_gradients(layout, monkeypatch):
+    from osp.nn import GroupNorm
+
+    calls = _spy_in_place(monkeypatch)
+    norm = GroupNorm(4, 12, eps=1e-6, act="silu")
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = make_input((2, 12, 5, 7, 9), layout, torch.float32)
+    expected = norm(x)
+    # Gradients recorded (parameters need them): out of place, x untouched, same values.
+    before = x.clone()
+    out = norm(x, inplace=True)
+    assert out.data_ptr() != x.data_ptr() and torch.equal(x, before) and torch.equal(out, expected)
+    assert out.grad_fn is not None and calls == []
+    with torch.no_grad():
+        out = norm(x, inplace=True)
+    assert calls == [x.data_ptr()] and out is x and torch.equal(x, expected)
+    with torch.no_grad(), osp.ops.use_backend("torch"):  # forced torch: nothing in place
+        y = make_input((2, 12, 5, 7, 9), layout, torch.float32)
+        assert norm(y, inplace=True) is not y and len(calls) == 1
+
+
+def _resnet_block(cin, cout):
+    from osp.models.vae.blocks import ResnetBlock3D
+
+    torch.manual_seed(0)
+    block = ResnetBlock3D(cin, cout)
+    for m in block.modules():
+        if isinstance(m, torch.nn.GroupNorm):  # not the identity init: every parameter matters
+            torch.nn.init.normal_(m.weight, 1.0, 0.3)
+            torch.nn.init.normal_(m.bias, 0.0, 0.3)
+    return block
+
+
+@needs_ext
+@on_cpu
+@pytest.mark.parametrize("cin,cout", [(32, 32), (32, 64)], ids=["same-channels", "nin-shortcut"])
+def test_vae_resnet_block_norms_its_own_tensor_in_place_in_inference(cin, cout, monkeypatch):
+    """Under no_grad the second norm (over conv1's output, which nothing else reads) runs in place;
+    the first, over the block's input x that the shortcut reads, never does. Same result as the
+    out-of-place block."""
+    block = _resnet_block(cin, cout).eval()
+    x = make_input((1, cin, 5, 6, 10), "contiguous", torch.float32)
+    with torch.no_grad():
+        expected = block(x)
+    calls = _spy_in_place(monkeypatch)
+    norm2_inputs = []
+    block.norm2.register_forward_pre_hook(lambda m, args: norm2_inputs.append(args[0].data_ptr()))
+    before = x.clone()
+    with torch.no_grad():
+        out = block(x)
+    assert calls == norm2_inputs and len(calls) == 1  # norm2 alone, on conv1's output
+    assert torch.equal(x, before)
+    assert torch.equal(out, expected)
+
+
+@needs_ext
+@on_cpu
+def test_vae_resnet_block_training_is_unchanged_by_the_in_place_form(monkeypatch):
+    """With gradients recorded nothing runs in place: the forward and every gradient are bit-equal
+    to the same block whose norms ignore ``inplace``."""
+    from osp.nn import GroupNorm
+
+    block = _resnet_block(32, 64).train()
+    x = make_input((1, 32, 5, 6, 10), "contiguous", torch.float32).requires_grad_()
+    dy = torch.randn(1, 64, 5, 6, 10)
+
+    def run():
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        out = block(x)
+        out.backward(dy)
+        return [out.detach()] + [x.grad] + [p.grad for p in block.parameters()]
+
+    calls = _spy_in_place(monkeypatch)
+    got = run()
+    assert calls == []
+    real_forward = GroupNorm.forward
+    monkeypatch.setattr(GroupNorm, "forward", lambda self, x, inplace=False: real_forward(self, x))
+    want = run()
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # ----------------------------------------------------------------------------- torch.library
 
 @needs_ext

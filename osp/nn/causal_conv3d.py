@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops.causal_conv3d import normalize_padding, normalize_stride, output_shape
+from ..ops.causal_conv3d import normalize_padding, normalize_stride, normalize_upsample, output_shape
 
 
 def _kernel_size(kernel_size) -> tuple:
@@ -57,7 +57,9 @@ class CausalConv3d(nn.Module):
 
     Input (N, Cin, T, H, W), NCDHW or channels_last_3d; the output keeps the input's memory
     format. forward routes through ``osp.ops.causal_conv3d`` (so every backend applies) and takes
-    an optional ``residual`` of the output's shape, added after the bias.
+    an optional ``residual`` of the output's shape, added after the bias, and ``upsample=(1, 2, 2)``
+    to convolve the input nearest-upsampled x2 in H and W without building it (SpatialUpsample2x;
+    needs spatial stride 1 and "same" padding).
 
     ``stream_state``: None (normal), or a dict while a long clip is fed in consecutive time chunks
     (``osp.models.vae.tiling``): each call then reads the previous chunk's last kt-1 input frames
@@ -91,19 +93,24 @@ class CausalConv3d(nn.Module):
     def out_channels(self) -> int:
         return self.conv.out_channels
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                upsample: Optional[Sequence[int]] = None) -> torch.Tensor:
         history = None
         state = self.stream_state
         if state is not None:
             if x.shape[2] == 0:  # a chunk that an upstream layer had no finished frames for
-                return x.new_empty(output_shape(x.shape, self.conv.weight.shape, self.stride, self.padding))
+                try:
+                    up = normalize_upsample(upsample)
+                except ValueError as exc:
+                    raise ValueError(str(exc).replace("causal_conv3d:", "CausalConv3d:")) from None
+                return x.new_empty(output_shape(x.shape, self.conv.weight.shape, self.stride, self.padding, up))
         if state is not None and self.time_kernel_size > 1:
             if self.stride[0] != 1:
                 raise ValueError(f"CausalConv3d: streaming in time needs temporal stride 1, not {self.stride[0]}")
             history = state.get("history")
             state["history"] = _next_history(history, x, self.time_kernel_size - 1)
         return ops.causal_conv3d(x, self.conv.weight, self.conv.bias, stride=self.stride, padding=self.padding,
-                                 residual=residual, history=history)
+                                 residual=residual, history=history, upsample=upsample)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding} (spatial), causal"

@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import ops
 from .._utils import ACTIVATIONS
+from ..ops.group_norm import group_norm_, group_norm_in_place_why_not
 
 
 class GroupNorm(nn.GroupNorm):
@@ -20,6 +21,9 @@ class GroupNorm(nn.GroupNorm):
     input). Set by tiled VAE inference, which normalizes every tile with statistics of the whole
     input (``osp.models.vae.tiling``), through ``osp.ops.group_norm_fixed_stats``. Not saved in
     state dicts.
+
+    ``forward(x, inplace=True)`` writes the result into x when that is safe and saves memory (see
+    ``forward``): inference code that owns x (the second norm of a VAE ResnetBlock3D) asks for it.
     """
 
     fixed_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -33,11 +37,24 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.act = act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``inplace=True``: the caller owns x and needs it no more, so the result may be written
+        into x (returned) instead of a second video-sized buffer. Taken only when nothing records
+        gradients (no_grad, or neither x nor the parameters need them) and the compiled in-place op
+        runs the call (``osp.ops.group_norm_in_place_why_not``); otherwise x is left alone and a new
+        tensor is returned, exactly as with ``inplace=False``."""
         if self.fixed_stats is not None:
             return ops.group_norm_fixed_stats(x, self.num_groups, *self.fixed_stats, self.weight, self.bias,
                                               act=self.act)
+        if inplace and self._may_write(x):
+            return group_norm_(x, self.num_groups, self.weight, self.bias, self.eps, act=self.act)
         return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, act=self.act)
+
+    def _may_write(self, x: torch.Tensor) -> bool:
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p is not None and p.requires_grad for p in (self.weight, self.bias))):
+            return False
+        return group_norm_in_place_why_not(x, self.num_groups, self.weight, self.bias, self.eps, act=self.act) is None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", act={self.act!r}" if self.act else "")

@@ -8,6 +8,15 @@ Streaming: ``history=`` (N, Cin, kt-1, H, W) gives the kt-1 input frames just be
 the previous chunk of a long video processed chunk by chunk); they replace the replicated frame 0,
 so the chunks' outputs concatenate to the output of the whole clip. Temporal stride 1 only.
 
+Nearest 2x upsampling folded in: ``upsample=(1, 2, 2)`` convolves the input as nearest-upsampled x2
+in H and W (``F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")``, Open-Sora-Plan's
+SpatialUpsample2x) without building the upsampled tensor (4x the input). The triton backend reads
+pixel (h // 2, w // 2) by index arithmetic; the torch backend runs the exact sub-pixel form: each
+output phase (oh % 2, ow % 2) is a conv of the un-upsampled input with the kernel's taps that land on
+the same source pixel summed (3x3 -> 2x2: 2.25x fewer FLOPs), written into its strided view of the
+output. Needs spatial stride 1 and "same" spatial padding ((kh-1)/2, (kw-1)/2 with kh, kw odd): the
+output is (2H, 2W).
+
 Backends, in automatic order: ``triton`` (kernels/causal_conv3d.py: implicit-GEMM forward,
 dx and dweight kernels; CUDA, CPU only through the interpreter when forced), ``torch`` (F.conv3d
 of the unpadded clip for the frames whose window lies inside it, plus a small replicated head for
@@ -58,17 +67,33 @@ def normalize_padding(padding) -> Tuple[int, int]:
     return p
 
 
-def output_shape(x_shape, w_shape, stride, padding) -> Tuple[int, int, int, int, int]:
-    """(N, Cout, T_out, H_out, W_out); T_out = (T - 1) // st + 1 because kt - 1 frames are prepended."""
+def normalize_upsample(upsample) -> Optional[Tuple[int, int]]:
+    """None -> None; (1, 2, 2) -> (2, 2), the spatial factors; ValueError for anything else."""
+    if upsample is None:
+        return None
+    u = tuple(upsample) if isinstance(upsample, (tuple, list)) else None
+    if u is None or len(u) != 3 or not all(_is_int(v) for v in u) or u != (1, 2, 2):
+        raise ValueError(
+            f"causal_conv3d: upsample={upsample!r}; expected None or (1, 2, 2) (nearest x2 in H and W, "
+            "the only factor folded into the conv)"
+        )
+    return u[1:]
+
+
+def output_shape(x_shape, w_shape, stride, padding, upsample=None) -> Tuple[int, int, int, int, int]:
+    """(N, Cout, T_out, H_out, W_out); T_out = (T - 1) // st + 1 because kt - 1 frames are prepended.
+    ``upsample`` (uh, uw) (normalized) multiplies the input's H and W first."""
     N, _, T, H, W = x_shape
+    if upsample is not None:
+        H, W = H * upsample[0], W * upsample[1]
     Cout, _, kt, kh, kw = w_shape
     st, sh, sw = stride
     ph, pw = padding
     return (N, Cout, (T - 1) // st + 1 if T > 0 else 0, (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
 
 
-def _check(x, weight, bias, stride, padding, residual, history=None):
-    """Validate and return (stride, padding) normalized."""
+def _check(x, weight, bias, stride, padding, residual, history=None, upsample=None):
+    """Validate and return (stride, padding, upsample) normalized."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"causal_conv3d: x must be a tensor, got {type(x).__name__}")
     if x.dim() != 5:
@@ -103,7 +128,10 @@ def _check(x, weight, bias, stride, padding, residual, history=None):
             raise ValueError(f"causal_conv3d: bias is on {bias.device} but x is on {x.device}")
     stride = normalize_stride(stride)
     padding = normalize_padding(padding)
-    out = output_shape(x.shape, weight.shape, stride, padding)
+    upsample = normalize_upsample(upsample)
+    if upsample is not None:
+        _check_upsample(weight, stride, padding)
+    out = output_shape(x.shape, weight.shape, stride, padding, upsample)
     if min(out) <= 0:
         raise ValueError(
             f"causal_conv3d: output size {out} has a dim <= 0 for x {tuple(x.shape)}, kernel "
@@ -121,7 +149,29 @@ def _check(x, weight, bias, stride, padding, residual, history=None):
     if history is not None:
         _check_history(x, weight, stride, history)
     check_same_dtype("causal_conv3d", "x", x, weight=weight, bias=bias, residual=residual, history=history)
-    return stride, padding
+    return stride, padding, upsample
+
+
+def _check_upsample(weight, stride, padding):
+    """The folded upsample supports what SpatialUpsample2x needs: spatial stride 1, odd kh and kw,
+    "same" padding, so the output is (2H, 2W) and every output phase has H x W pixels."""
+    kh, kw = weight.shape[3:]
+    if stride[1:] != (1, 1):
+        raise ValueError(
+            f"causal_conv3d: upsample=(1, 2, 2) with stride {stride}; expected spatial stride 1, (st, 1, 1) "
+            "(a strided conv of an upsampled input is not folded)"
+        )
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(
+            f"causal_conv3d: upsample=(1, 2, 2) with an even spatial kernel {(kh, kw)} (weight "
+            f"{tuple(weight.shape)}); expected odd kh and kw"
+        )
+    same = ((kh - 1) // 2, (kw - 1) // 2)
+    if padding != same:
+        raise ValueError(
+            f"causal_conv3d: upsample=(1, 2, 2) with padding {padding}; expected the \"same\" padding {same} "
+            f"of the {kh}x{kw} kernel (output 2H x 2W)"
+        )
 
 
 def _check_history(x, weight, stride, history):
@@ -152,14 +202,16 @@ def _check_history(x, weight, stride, history):
 
 
 def causal_conv3d_reference(x, weight, bias=None, *, stride=1, padding=0, residual=None,
-                            history=None) -> torch.Tensor:
-    """Ground truth in float64: replicate frame 0 kt-1 times in front (or put history there), then
-    F.conv3d. Returns float64."""
-    stride, padding = _check(x, weight, bias, stride, padding, residual, history)
+                            history=None, upsample=None) -> torch.Tensor:
+    """Ground truth in float64: replicate frame 0 kt-1 times in front (or put history there),
+    repeat each pixel 2x2 when upsample=(1, 2, 2), then F.conv3d. Returns float64."""
+    stride, padding, upsample = _check(x, weight, bias, stride, padding, residual, history, upsample)
     kt = weight.shape[2]
     xd = x.detach().to(torch.float64)
     head = history.detach().to(torch.float64) if history is not None else xd[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
     xd = torch.cat([head, xd], dim=2)
+    if upsample is not None:
+        xd = xd.repeat_interleave(upsample[0], dim=3).repeat_interleave(upsample[1], dim=4)
     b = bias.detach().to(torch.float64) if bias is not None else None
     y = F.conv3d(xd, weight.detach().to(torch.float64), b, stride, (0,) + padding)
     if residual is not None:
@@ -176,7 +228,56 @@ def _conv3d(x, weight, bias, stride, padding3):
     return F.conv3d(x, weight, bias, stride, padding3)
 
 
-def _torch_run(x, weight, bias, stride, padding, residual, history=None):
+def _phase_taps(k: int, p: int, phase: int) -> Tuple[int, torch.Tensor]:
+    """For one spatial axis of a kernel of k taps with padding p, read by output pixel 2q + phase
+    of a x2-upsampled input: tap j reads source pixel q + (phase + j - p) // 2. Returns the lowest
+    offset d0 and the 0/1 matrix S (n offsets, k taps) with S[d - d0, j] = 1 where tap j reads q + d."""
+    offsets = [(phase + j - p) // 2 for j in range(k)]
+    d0 = offsets[0]
+    s = torch.zeros(offsets[-1] - d0 + 1, k, dtype=torch.float64)
+    for j, d in enumerate(offsets):
+        s[d - d0, j] = 1.0
+    return d0, s
+
+
+def _torch_upsample_run(x, weight, bias, stride, padding, residual, history, upsample):
+    """The sub-pixel form of conv(nearest_x2(x)): output phase (a, b) = out[..., a::2, b::2] is a
+    conv of x itself whose kernel sums the taps that read the same source pixel (3x3 -> 2x2),
+    written into its strided view of the output; no upsampled tensor, no stacked phases."""
+    N, _, _, H, W = x.shape
+    kh, kw = weight.shape[3:]
+    ph, pw = padding
+    fmt = memory_format_of(x)
+    out = torch.empty(output_shape(x.shape, weight.shape, stride, padding, upsample), dtype=x.dtype,
+                      device=x.device, memory_format=fmt)
+    # Summing taps in x's dtype would round each sum to 16 bits: sum in float32 (or float64), then cast.
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    wa = weight.to(acc)
+    for a in range(2):
+        dh, sh = _phase_taps(kh, ph, a)
+        for b in range(2):
+            dw, sw = _phase_taps(kw, pw, b)
+            w_ab = torch.einsum("oitjl,dj,el->oitde", wa, sh.to(wa.device, acc), sw.to(wa.device, acc)).to(x.dtype)
+            # Conv row r with symmetric padding P reads source rows r - P .. r - P + n - 1, so the
+            # phase's row q (source rows q + dh ..) is conv row q + dh + P: P covers both ends.
+            n_h, n_w = sh.shape[0], sw.shape[0]
+            p_h = max(-dh, dh + n_h - 1, 0)
+            p_w = max(-dw, dw + n_w - 1, 0)
+            y = _torch_run(x, w_ab.contiguous(), None, (stride[0], 1, 1), (p_h, p_w), None, history)
+            out[:, :, :, a::2, b::2].copy_(y[:, :, :, dh + p_h:dh + p_h + H, dw + p_w:dw + p_w + W])
+            del y
+    # out is a fresh intermediate that no backward saves: adding in place is safe. The bias is added
+    # once (its gradient one reduction of dy, as in F.conv3d), not once per phase.
+    if bias is not None:
+        out = out.add_(bias.view(1, -1, 1, 1, 1))
+    if residual is not None:
+        out = out.add_(residual)
+    return out
+
+
+def _torch_run(x, weight, bias, stride, padding, residual, history=None, upsample=None):
+    if upsample is not None:
+        return _torch_upsample_run(x, weight, bias, stride, padding, residual, history, upsample)
     kt = weight.shape[2]
     st = stride[0]
     T = x.shape[2]
@@ -218,19 +319,20 @@ def _torch_run(x, weight, bias, stride, padding, residual, history=None):
     return y
 
 
-def _torch_why_not(x, weight, bias, stride, padding, residual, history=None, *, forced):
+def _torch_why_not(x, weight, bias, stride, padding, residual, history=None, upsample=None, *, forced):
     return None
 
 
 class _CausalConv3d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, stride, padding):
+    def forward(ctx, x, weight, bias, residual, stride, padding, upsample):
         from osp.kernels import causal_conv3d as kernel
 
-        out_shape = output_shape(x.shape, weight.shape, stride, padding)
-        y = kernel.forward(x, weight, bias, stride, padding, residual, out_shape)
+        out_shape = output_shape(x.shape, weight.shape, stride, padding, upsample)
+        up = upsample or (1, 1)
+        y = kernel.forward(x, weight, bias, stride, padding, residual, out_shape, upsample=up)
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding = stride, padding
+        ctx.stride, ctx.padding, ctx.upsample = stride, padding, up
         return y
 
     @staticmethod
@@ -240,26 +342,27 @@ class _CausalConv3d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         # Every input has x's dtype (and so has dy); the kernels read any strides, so no layout copy.
-        dx = kernel.backward_dx(dy, weight, x, ctx.stride, ctx.padding) if need_x else None
-        dw = kernel.backward_dw(dy, x, weight.shape, ctx.stride, ctx.padding).to(x.dtype) if need_w else None
+        dx = kernel.backward_dx(dy, weight, x, ctx.stride, ctx.padding, ctx.upsample) if need_x else None
+        dw = kernel.backward_dw(dy, x, weight.shape, ctx.stride, ctx.padding, ctx.upsample).to(x.dtype) if need_w else None
         db = dy.sum(dim=(0, 2, 3, 4), dtype=torch.float32).to(x.dtype) if need_b else None
-        return dx, dw, db, dy if need_r else None, None, None
+        return dx, dw, db, dy if need_r else None, None, None, None
 
 
-def _triton_run(x, weight, bias, stride, padding, residual, history=None):
+def _triton_run(x, weight, bias, stride, padding, residual, history=None, upsample=None):
     if history is None:
-        return _CausalConv3d.apply(x, weight, bias, residual, stride, padding)
+        return _CausalConv3d.apply(x, weight, bias, residual, stride, padding, upsample)
     # Streaming, forward only (_triton_why_not declines when a gradient is wanted): the kernel reads
     # cat([history, x]) with its output frames shifted by T0 = kt-1, so the causal clamp never fires.
     from osp.kernels import causal_conv3d as kernel
 
     kt = weight.shape[2]
     xin = torch.cat([history, x], dim=2).contiguous(memory_format=memory_format_of(x))
-    out_shape = output_shape(x.shape, weight.shape, stride, padding)
-    return kernel.forward(xin, weight, bias, stride, padding, residual, out_shape, t0=kt - 1)
+    out_shape = output_shape(x.shape, weight.shape, stride, padding, upsample)
+    return kernel.forward(xin, weight, bias, stride, padding, residual, out_shape, t0=kt - 1,
+                          upsample=upsample or (1, 1))
 
 
-def _triton_why_not(x, weight, bias, stride, padding, residual, history=None, *, forced):
+def _triton_why_not(x, weight, bias, stride, padding, residual, history=None, upsample=None, *, forced):
     reason = triton_why_not(x, forced=forced)
     if reason:
         return reason
@@ -286,7 +389,8 @@ CAUSAL_CONV3D = Op(
 
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                   stride: IntOr3 = 1, padding: IntOr2 = 0, residual: Optional[torch.Tensor] = None,
-                  history: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+                  history: Optional[torch.Tensor] = None, upsample: Optional[Sequence[int]] = None,
+                  backend: Optional[str] = None) -> torch.Tensor:
     """Causal 3-D convolution: frame 0 replicated kt-1 times in front, spatial zero padding.
 
     Equals ``F.conv3d(cat([x[:, :, :1]] * (kt-1) + [x], dim=2), weight, bias, stride, (0, ph, pw))
@@ -309,13 +413,19 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             and dtype); they replace the replicated frame 0. Needs kt > 1 and temporal stride 1.
             Forward-only on the triton backend: with a gradient wanted, automatic choice runs torch
             (and forcing triton raises BackendUnavailable).
+        upsample: None, or (1, 2, 2) to convolve x nearest-upsampled x2 in H and W (Open-Sora-Plan's
+            SpatialUpsample2x: ``F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")`` then the
+            conv) without building the upsampled tensor. Needs spatial stride 1 and the "same"
+            padding ((kh-1)/2, (kw-1)/2), kh and kw odd; the output is (2H, 2W); history, when
+            given, is at x's (un-upsampled) size.
         backend: force "triton" or "torch"; None chooses (see osp.ops.use_backend, OSP_BACKEND).
 
     Returns:
-        (N, Cout, (T-1)//st + 1, (H+2ph-kh)//sh + 1, (W+2pw-kw)//sw + 1) in x's dtype (the autocast
+        (N, Cout, (T-1)//st + 1, (H+2ph-kh)//sh + 1, (W+2pw-kw)//sw + 1) (H, W doubled first with
+        upsample) in x's dtype (the autocast
         dtype under autocast) and memory format (T_out = T with history). Differentiable in x,
         weight, bias, residual and history.
     """
     x, weight, bias, residual, history = CAUSAL_CONV3D.autocast(x, weight, bias, residual, history)
-    stride, padding = _check(x, weight, bias, stride, padding, residual, history)
-    return CAUSAL_CONV3D.dispatch((x, weight, bias, stride, padding, residual, history), {}, backend)
+    stride, padding, upsample = _check(x, weight, bias, stride, padding, residual, history, upsample)
+    return CAUSAL_CONV3D.dispatch((x, weight, bias, stride, padding, residual, history, upsample), {}, backend)

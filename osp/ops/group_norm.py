@@ -4,7 +4,8 @@
 through the interpreter when forced), ``ext`` (the compiled ``osp_C::group_norm_act``: CPU, fp32,
 fp16 and bf16, forward and backward in one pass each; see osp.ops._ext), ``torch`` (F.group_norm
 then the activation, eager). ``group_norm_`` is the in-place form for inference (``ext``, else
-``torch``: the out-of-place op copied back).
+the out-of-place op copied back); ``group_norm_in_place_why_not`` says whether a call would really
+run without a second buffer, so that modules (osp.nn.GroupNorm) take the in-place form only then.
 ``group_norm_fixed_stats`` normalizes with statistics passed in instead of the input's own (tiled
 VAE inference normalizes every tile with the statistics of the whole video); one backend,
 ``torch`` (elementwise in fp32). The float64 references ``group_norm_reference`` and
@@ -211,6 +212,27 @@ def _inplace_torch_run(x, num_groups, weight, bias, eps, act):
     return x.copy_(_torch_run(x, num_groups, weight, bias, eps, act))
 
 
+def _inplace_forced(backend: Optional[str]) -> Optional[str]:
+    """The backend asked for by ``backend=`` (only "ext" or "torch"), else by ``use_backend`` /
+    OSP_BACKEND for group_norm (any of its backends), else None."""
+    if backend not in (None, "ext", "torch"):
+        raise ValueError(f"osp.ops.group_norm_: unknown backend {backend!r}; expected one of ('ext', 'torch')")
+    return backend if backend is not None else GROUP_NORM._forced(None)
+
+
+def group_norm_in_place_why_not(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                                bias: Optional[torch.Tensor] = None, eps: float = 1e-6, *,
+                                act: Optional[str] = None, backend: Optional[str] = None) -> Optional[str]:
+    """Why ``group_norm_`` would not write this call into x without a second buffer (the compiled
+    in-place op), or None when it would. A forced backend (``backend=``, ``use_backend``,
+    OSP_BACKEND) other than ``ext`` is a reason. Inference code asks this before taking the
+    in-place form, which otherwise costs a copy and saves nothing."""
+    forced = _inplace_forced(backend)
+    if forced not in (None, "ext"):
+        return f"group_norm's backend {forced!r} is forced (only 'ext' runs in place)"
+    return _inplace_ext_why_not(x, num_groups, weight, bias, eps, act, forced=forced == "ext")
+
+
 def group_norm_(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                 bias: Optional[torch.Tensor] = None, eps: float = 1e-6, *, act: Optional[str] = None,
                 backend: Optional[str] = None) -> torch.Tensor:
@@ -219,7 +241,8 @@ def group_norm_(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor]
     own dtype). Not differentiable: call it under torch.no_grad() or on a tensor that needs no grad.
     Backends (``backend=``; not in the registry, since nothing else routes in-place calls): ``ext``
     (the compiled in-place op, dense x on CPU), ``torch`` (out of place, copied back); None takes
-    ``ext`` when it can run the call.
+    ``ext`` when it can run the call, else ``group_norm``'s own choice copied back. A backend forced
+    for group_norm by ``use_backend`` or OSP_BACKEND applies here too (copied back unless ``ext``).
 
     Returns:
         x, holding act(group_norm(x)).
@@ -229,14 +252,16 @@ def group_norm_(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor]
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in (weight, bias))):
         raise ValueError("group_norm_: writes x in place and records no gradient; call it under torch.no_grad() "
                          "or use group_norm")
-    if backend not in (None, "ext", "torch"):
-        raise ValueError(f"osp.ops.group_norm_: unknown backend {backend!r}; expected one of ('ext', 'torch')")
-    reason = _inplace_ext_why_not(x, num_groups, weight, bias, eps, act, forced=backend == "ext")
-    if backend == "ext" and reason is not None:
-        raise BackendUnavailable(f"osp.ops.group_norm_: backend 'ext' was forced but cannot run this call: {reason}")
-    if backend != "torch" and reason is None:
-        return _inplace_ext_run(x, num_groups, weight, bias, eps, act)
-    return _inplace_torch_run(x, num_groups, weight, bias, eps, act)
+    forced = _inplace_forced(backend)
+    if forced in (None, "ext"):
+        reason = _inplace_ext_why_not(x, num_groups, weight, bias, eps, act, forced=forced == "ext")
+        if forced == "ext" and reason is not None:
+            raise BackendUnavailable(f"osp.ops.group_norm_: backend 'ext' was forced but cannot run this call: {reason}")
+        if reason is None:
+            return _inplace_ext_run(x, num_groups, weight, bias, eps, act)
+    if forced == "torch":
+        return _inplace_torch_run(x, num_groups, weight, bias, eps, act)
+    return x.copy_(GROUP_NORM.dispatch((x, num_groups, weight, bias, eps, act), {}, forced))
 
 
 # ----------------------------------------------------------------------------- fixed statistics

@@ -41,7 +41,9 @@ class ResnetBlock3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.norm1(x))
-        h = self.dropout(self.norm2(h))
+        # h is conv1's fresh output, needed by nothing else: in inference the norm may overwrite it
+        # (x stays untouched, the shortcut reads it). With gradients recorded this is out of place.
+        h = self.dropout(self.norm2(h, inplace=True))
         shortcut = self.nin_shortcut(x) if self.in_channels != self.out_channels else x
         return self.conv2(h, residual=shortcut)
 
@@ -60,7 +62,10 @@ class SpatialDownsample2x(nn.Module):
 
 
 class SpatialUpsample2x(nn.Module):
-    """Nearest x2 in H and W (per frame), then a (1,3,3) conv with padding 1. Parameters ``conv.conv.*``."""
+    """Nearest x2 in H and W (per frame), then a (1,3,3) conv with padding 1. Parameters ``conv.conv.*``.
+
+    The upsampling is folded into the conv (``upsample=(1, 2, 2)`` of osp.ops.causal_conv3d): the
+    4x-sized upsampled tensor is never built, and the result equals interpolate-then-conv."""
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None):
         super().__init__()
@@ -68,7 +73,7 @@ class SpatialUpsample2x(nn.Module):
         self.conv = CausalConv3d(in_channels, out_channels, (1, 3, 3), padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+        return self.conv(x, upsample=(1, 2, 2))
 
 
 class TimeDownsample2x(nn.Module):
