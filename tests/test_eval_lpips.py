@@ -92,6 +92,13 @@ def test_lpips_matches_float64_reference(net, spatial):
                           rtol=1e-10, atol=1e-12)
 
 
+def test_lazy_exports():
+    import osp.eval
+
+    assert osp.eval.LPIPS is LPIPS and osp.eval.lpips is lpips
+    assert osp.eval.flolpips is flolpips and osp.eval.PWCNet is PWCNet
+
+
 def test_lpips_identity_symmetry_and_spatial_mean():
     model = random_lpips("alex", seed=3).double()
     g = torch.Generator().manual_seed(4)
@@ -187,6 +194,10 @@ def test_lpips_loads_torchvision_and_lin_files(net, tmp_path, monkeypatch):
     # the same files found by name in OSP_WEIGHTS_DIR
     monkeypatch.setenv("OSP_WEIGHTS_DIR", str(tmp_path))
     assert torch.equal(LPIPS(net)(x, y), expect)
+    # the video metric builds (and keeps) its model from the default folder
+    a = torch.rand(1, 2, 3, SIZE[net], SIZE[net], generator=g)
+    b = torch.rand(1, 2, 3, SIZE[net], SIZE[net], generator=g)
+    assert torch.allclose(lpips(a, b, net=net), lpips(a, b, model=src), rtol=1e-6)
 
 
 def test_lpips_loads_taming_full_state_dict(tmp_path, monkeypatch):

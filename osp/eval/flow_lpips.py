@@ -90,7 +90,7 @@ def flolpips(a: torch.Tensor, b: torch.Tensor, *, model: Optional[LPIPS] = None,
                 raise ValueError(f"flolpips: the flow estimator returned shape {tuple(flows.shape)}, expected "
                                  f"{(2 * m, 2, *shape[-2:])} (N, 2, H, W)")
             maps = model.layer_maps(a0[sl], b0[sl], normalize=True)
-            delta = (flows[:m] - flows[m:]).to(maps[0].dtype)
+            delta = (flows[:m] - flows[m:]).to(device=maps[0].device, dtype=maps[0].dtype)
             total = sum((mp * flow_weights_map(delta, mp.shape[-2:])).sum(dim=(1, 2, 3)) for mp in maps)
             values.append(total)
     return torch.cat(values).view(bsz, t - 1).mean(dim=1)

@@ -305,10 +305,11 @@ class LPIPS(nn.Module):
         """The 5 per-layer lin maps (N, 1, h_l, w_l): lin_l((n(f_l(x)) - n(f_l(y)))^2).
 
         x, y: (N, 3, H, W) in [-1, 1] (in [0, 1] with ``normalize=True``). Both images go through the
-        backbone in one batch. Computed in the parameters' dtype."""
+        backbone in one batch. Computed in the parameters' dtype, on their device."""
         self._check(x, y)
-        dtype = self.lin0.model[1].weight.dtype
-        xy = torch.cat([x, y]).to(dtype)
+        weight = self.lin0.model[1].weight
+        dtype = weight.dtype
+        xy = torch.cat([x, y]).to(device=weight.device, dtype=dtype)
         if normalize:
             xy = 2 * xy - 1
         shift, scale = self._scaling_constants(dtype, xy.device)
