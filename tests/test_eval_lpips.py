@@ -218,6 +218,9 @@ def test_lpips_loads_taming_full_state_dict(tmp_path, monkeypatch):
     monkeypatch.setenv("OSP_WEIGHTS_DIR", str(tmp_path))
     assert torch.equal(LPIPS("vgg")(x, y), src(x, y))
     assert torch.equal(LPIPS("vgg", weights=tmp_path / "vgg_lpips.pth")(x, y), src(x, y))
+    # osp's own state dict is a full state dict too
+    torch.save(src.state_dict(), tmp_path / "own.pth")
+    assert torch.equal(LPIPS("vgg", weights=tmp_path / "own.pth")(x, y), src(x, y))
 
 
 def test_lpips_vgg_prefers_taming_file_then_lpips_file(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ File formats (``torch.load`` state dicts):
     lpips package's or taming's LPIPS module) is accepted as well: its backbone keys
     ``net.slice{s}.{n}.weight|bias`` keep torchvision's layer index n, so they map to
     ``features.{n}.weight|bias``; its ``scaling_layer.shift|scale`` buffers are ignored (constants).
+    ``LPIPS.state_dict()`` (keys ``net.features.{n}.*``, ``lin{k}.model.1.weight``) loads the same way.
   - backbone (``backbone_weights=``): torchvision's ``features.{n}.weight|bias``; ``classifier.*``
     keys are ignored. When given, it takes precedence over backbone keys inside ``weights``.
 Loading is strict: a missing or unexpected backbone or lin key, or a wrong shape, is an error naming it.
@@ -262,11 +263,12 @@ class LPIPS(nn.Module):
     @torch.no_grad()
     def load_lpips_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
         """Load lin weights (``lin{k}.model.1.weight``), optionally with backbone keys
-        ``net.slice{s}.{n}.*`` (mapped to ``features.{n}.*``); ``scaling_layer.*`` ignored. Strict."""
+        ``net.slice{s}.{n}.*`` (mapped to ``features.{n}.*``; osp's own ``net.features.{n}.*`` too);
+        ``scaling_layer.*`` ignored. Strict."""
         lins, backbone, unexpected = {}, {}, []
         for key, value in state.items():
             m_lin = re.fullmatch(r"(lin\d+)\.model\.[01]\.weight", key)
-            m_net = re.fullmatch(r"net\.slice\d+\.(\d+\.(?:weight|bias))", key)
+            m_net = re.fullmatch(r"net\.(?:slice\d+|features)\.(\d+\.(?:weight|bias))", key)
             if m_lin:
                 lins[f"{m_lin.group(1)}.model.1.weight"] = value
             elif m_net:
