@@ -88,10 +88,10 @@ def timed(fn: Callable, args: Sequence, dy: Optional[torch.Tensor] = None) -> Ca
     return lambda: fn(*args).backward(dy)
 
 
-def peak_rss_in_subprocess(module: str, *args: str) -> float:
+def peak_rss_in_subprocess(module: str, *args: str, env=None) -> float:
     """Run ``python -m module --peak *args`` in a fresh interpreter in the checkout (so that bench
     modules are found); it prints {"peak_mib": ...} last (osp.testing.memory.print_peak)."""
-    return memory.peak_rss_in_subprocess(module, *args, cwd=REPO)
+    return memory.peak_rss_in_subprocess(module, *args, cwd=REPO, env=env)
 
 
 def _sync(device: str) -> None:

@@ -250,6 +250,8 @@ def _torch_upsample_run(x, weight, bias, stride, padding, residual, history, ups
     fmt = memory_format_of(x)
     out = torch.empty(output_shape(x.shape, weight.shape, stride, padding, upsample), dtype=x.dtype,
                       device=x.device, memory_format=fmt)
+    bias_after = (bias is not None and bias.dtype not in (torch.float32, torch.float64) and bias.requires_grad
+                  and torch.is_grad_enabled())
     # Summing taps in x's dtype would round each sum to 16 bits: sum in float32 (or float64), then cast.
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     wa = weight.to(acc)
@@ -263,12 +265,14 @@ def _torch_upsample_run(x, weight, bias, stride, padding, residual, history, ups
             n_h, n_w = sh.shape[0], sw.shape[0]
             p_h = max(-dh, dh + n_h - 1, 0)
             p_w = max(-dw, dw + n_w - 1, 0)
-            y = _torch_run(x, w_ab.contiguous(), None, (stride[0], 1, 1), (p_h, p_w), None, history)
+            y = _torch_run(x, w_ab.contiguous(), None if bias_after else bias, (stride[0], 1, 1), (p_h, p_w), None,
+                           history)
             out[:, :, :, a::2, b::2].copy_(y[:, :, :, dh + p_h:dh + p_h + H, dw + p_w:dw + p_w + W])
             del y
-    # out is a fresh intermediate that no backward saves: adding in place is safe. The bias is added
-    # once (its gradient one reduction of dy, as in F.conv3d), not once per phase.
-    if bias is not None:
+    # out is a fresh intermediate that no backward saves: adding in place is safe. A 16-bit bias that
+    # needs a gradient is added once (its gradient one reduction of dy, as in F.conv3d, not four
+    # halves rounded to 16 bits); otherwise each phase's conv adds it for free.
+    if bias_after:
         out = out.add_(bias.view(1, -1, 1, 1, 1))
     if residual is not None:
         out = out.add_(residual)
@@ -290,10 +294,14 @@ def _torch_run(x, weight, bias, stride, padding, residual, history=None, upsampl
     # Output frames t < t_head have windows reaching before frame 0 (t*st < kt-1); only they need
     # replicated frames, and only input frames <= (t_head-1)*st, so the head copy is a few frames.
     t_head = min(-(-(kt - 1) // st), T_out)
-    # With two convs the bias is added once, after them: its gradient is then one reduction of dy,
-    # as in F.conv3d, not the sum of two halves each rounded to a 16-bit dtype.
+    # With two convs and a 16-bit bias that needs a gradient, the bias is added once, after them: its
+    # gradient is then one reduction of dy, as in F.conv3d, not the sum of two halves each rounded to
+    # 16 bits. Otherwise each conv adds it (free inside the conv; a separate pass costs a full
+    # read and write of the output).
     two_parts = 0 < t_head < T_out
-    conv_bias = None if two_parts else bias
+    bias_after = (two_parts and bias is not None and bias.dtype not in (torch.float32, torch.float64)
+                  and bias.requires_grad and torch.is_grad_enabled())
+    conv_bias = None if bias_after else bias
     parts = []
     if t_head > 0:
         head_in = x[:, :, : (t_head - 1) * st + 1]
@@ -312,7 +320,7 @@ def _torch_run(x, weight, bias, stride, padding, residual, history=None, upsampl
             y[:, :, t:t + p.shape[2]] = p
             t += p.shape[2]
     # y is a fresh intermediate that no backward saves: adding in place is safe.
-    if two_parts and bias is not None:
+    if bias_after:
         y = y.add_(bias.view(1, -1, 1, 1, 1))
     if residual is not None:
         y = y.add_(residual)

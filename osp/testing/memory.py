@@ -4,6 +4,12 @@ On CPU the allocator keeps freed pages and other work leaves its own high-water 
 measurement worth reporting runs one call in a fresh interpreter: ``peak_rss_in_subprocess``
 starts ``python -m MODULE --peak ARGS...``, whose last stdout line is ``{"peak_mib": ...}``
 (as written by ``print_peak``).
+
+glibc's malloc keeps freed blocks below its mmap threshold in its heap, and raises that threshold
+each time a larger mmapped block is freed (up to 32 MiB), so the resident peak of a call that
+allocates tensors of many sizes counts memory held for reuse, not only memory in use.
+``FIXED_MMAP_THRESHOLD`` (an environment for ``peak_rss_in_subprocess``) fixes the threshold at
+128 KiB: every large tensor is then mapped and unmapped on its own, and the peak is memory in use.
 """
 from __future__ import annotations
 
@@ -13,13 +19,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
 # The folder holding the osp package: a fresh interpreter finds this osp there even when it is
 # not installed (a source checkout run in place).
 _OSP_PARENT = Path(__file__).resolve().parents[2]
+
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def peak_cuda_mib(fn: Callable[[], object]) -> float:
@@ -53,10 +61,12 @@ def print_peak(fn: Callable[[], object]) -> None:
     print(json.dumps({"peak_mib": peak_rss_mib(fn)}))
 
 
-def peak_rss_in_subprocess(module: str, *args: str, cwd: Optional[Union[str, Path]] = None) -> float:
+def peak_rss_in_subprocess(module: str, *args: str, cwd: Optional[Union[str, Path]] = None,
+                           env: Optional[Dict[str, str]] = None) -> float:
     """Run ``python -m module --peak *args`` in a fresh interpreter (in ``cwd``, this process's by
-    default) and return the peak MiB it prints last (see ``print_peak``)."""
-    env = dict(os.environ)
+    default; ``env`` adds environment variables) and return the peak MiB it prints last (see
+    ``print_peak``)."""
+    env = dict(os.environ, **(env or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_OSP_PARENT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", module, "--peak", *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
