@@ -9,8 +9,11 @@ synchronization ends every step (the loop reads the losses).
 
 - backend "auto": osp.models.CausalVideoVAE with osp's dispatch (fused GroupNorm+SiLU forward and
   backward, causal convs without padded copies, the nearest upsample folded into its conv);
+  The generator loss goes through ``generator_loss_fused`` (LPIPS and the discriminator
+  back-propagated once instead of twice, the same gradients).
 - baseline: the same model and weights under bench_vae's ``upstream_style`` (upstream's replicate +
-  cat + conv3d, F.interpolate then conv, eager GroupNorm then SiLU): what upstream's model computes.
+  cat + conv3d, F.interpolate then conv, eager GroupNorm then SiLU) and upstream's loss order (the
+  adaptive weight's two autograd.grad calls, then the loss's backward): what upstream computes.
   Its own Adam state over its own copy of the weights. Both sides share the loss's LPIPS-VGG (random
   weights: the cost is the network's, not its values) and start from the same discriminator.
 
@@ -63,7 +66,8 @@ def build_side(vae, disc_state: Dict[str, torch.Tensor], perceptual, device: str
     opt_ae = torch.optim.Adam(autoencoder_param_groups(vae, 1e-5, 1e-4), betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=1e-5, betas=(0.5, 0.9))
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-    step = TrainStep(Autoencode(vae), vae, loss, DiscriminatorPair(loss.discriminator), opt_ae, opt_d, amp=ctx)
+    step = TrainStep(Autoencode(vae), vae, loss, DiscriminatorPair(loss.discriminator), opt_ae, opt_d, amp=ctx,
+                     fused=not upstream)
     g = torch.Generator()
     x_box: List[torch.Tensor] = []
 

@@ -150,6 +150,21 @@ def test_generator_terms_against_the_spec_in_float64():
     torch.testing.assert_close(gt, gn + lam.detach() * gg, rtol=1e-10, atol=1e-12)
 
 
+def test_fused_generator_loss_has_upstreams_value_and_gradients():
+    loss, x, recon, W, _, moments = loss_case()
+    moments = moments.clone().requires_grad_(True)
+    post = DiagonalGaussianDistribution(moments)
+    for step in (2000, 2002):  # adversarial term off, then on
+        total, log = loss.generator_loss(x, recon, post, step, last_layer=W)
+        ref = torch.autograd.grad(total, (W, moments), retain_graph=True)
+        value, flog, surrogate = loss.generator_loss_fused(x, recon, post, step, W)
+        assert value.item() == pytest.approx(total.item(), rel=1e-12)
+        assert {k: v.item() for k, v in flog.items()} == pytest.approx({k: v.item() for k, v in log.items()}, rel=1e-10)
+        got = torch.autograd.grad(surrogate, (W, moments), retain_graph=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_adaptive_weight_clamps_and_scales():
     W = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     nll = (W * 3.0).sum()  # gradient norm 3 * sqrt(3)
@@ -216,6 +231,25 @@ def make_step(vae, loss, lr=1e-3):
     opt_ae = torch.optim.Adam(vt.autoencoder_param_groups(vae, lr, lr), betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
     return vt.TrainStep(vt.Autoencode(vae), vae, loss, vt.DiscriminatorPair(loss.discriminator), opt_ae, opt_d)
+
+
+def test_fused_step_gives_the_autoencoder_upstreams_gradients():
+    vae = tiny_vae().double().train()  # float64: upstream's order and the fused one agree to its rounding
+    loss = LPIPSWithDiscriminator(disc_start=0, perceptual=MeanSquare()).double().train()
+    ae, x, W = vt.Autoencode(vae), clips(1).double(), vae.decoder.conv_out.conv.weight
+    params = list(vae.parameters())
+    grads = {}
+    for fused in (False, True):
+        recon, moments = ae(x, torch.Generator().manual_seed(0))
+        post = DiagonalGaussianDistribution(moments)
+        with vt.frozen(loss.discriminator) as d:
+            if fused:
+                _, _, target = loss.generator_loss_fused(x, recon, post, 10, W, discriminator=d)
+            else:
+                target, _ = loss.generator_loss(x, recon, post, 10, last_layer=W, discriminator=d)
+        grads[fused] = torch.autograd.grad(target, params)
+    for (n, _), a, b in zip(vae.named_parameters(), grads[True], grads[False]):
+        assert (a - b).norm() <= 1e-9 * b.norm() + 1e-12, n
 
 
 def test_a_non_finite_loss_skips_both_updates():
@@ -341,22 +375,24 @@ def test_scaling_factor_is_one_over_the_latent_std(straight):
 
 
 def test_bf16_run_and_the_nonfinite_guard(tmp_path, monkeypatch):
-    real = LPIPSWithDiscriminator.generator_loss
+    real = LPIPSWithDiscriminator.generator_loss_fused  # the trainer's generator loss
 
     def poisoned(self, *args, **kw):
-        total, log = real(self, *args, **kw)
-        step = args[3] if len(args) > 3 else kw["global_step"]
-        return (total * float("nan"), log) if step == lightning_step(1, False) else (total, log)
+        value, log, surrogate = real(self, *args, **kw)
+        if args[3] == lightning_step(1, False):  # batch 1
+            value = value * float("nan")
+        return value, log, surrogate
 
-    monkeypatch.setattr(LPIPSWithDiscriminator, "generator_loss", poisoned)
+    monkeypatch.setattr(LPIPSWithDiscriminator, "generator_loss_fused", poisoned)
     result = run(tmp_path / "a", 3, precision="bf16")
     assert result["nonfinite_skips"] == 1
     recs = [r for r in log_records(tmp_path / "a") if "event" not in r]
     assert [r["ae_skipped"] for r in recs] == [False, True, False]
+    assert [r["disc_skipped"] for r in recs] == [False, True, False]
     assert [r["nonfinite_skips"] for r in recs] == [0, 1, 1]
-    assert all(r["aeloss"] == r["aeloss"] for i, r in enumerate(recs) if i != 1)
-    monkeypatch.setattr(LPIPSWithDiscriminator, "generator_loss",
-                        lambda self, *a, **k: (lambda t, lg: (t * float("nan"), lg))(*real(self, *a, **k)))
+    assert recs[1]["aeloss"] != recs[1]["aeloss"] and all(r["aeloss"] == r["aeloss"] for r in (recs[0], recs[2]))
+    monkeypatch.setattr(LPIPSWithDiscriminator, "generator_loss_fused",
+                        lambda self, *a, **k: (lambda v, lg, sg: (v * float("nan"), lg, sg))(*real(self, *a, **k)))
     with pytest.raises(vt.NonFiniteLossError, match=r"2 consecutive batches with a non-finite loss"):
         run(tmp_path / "b", 5, max_nonfinite=2)
 

@@ -356,7 +356,9 @@ class TrainStep:
     LPIPSWithDiscriminator whose ``discriminator`` is the unwrapped PatchGAN; ``disc_pair``: a
     ``DiscriminatorPair`` over it (or its DDP wrapper). ``backward``/``clip``/``any_rank``: the
     launcher's backward, gradient clipping returning the total norm, and "is this true on any
-    process" (defaults: plain torch, one process).
+    process" (defaults: plain torch, one process). ``fused`` (default): the generator loss through
+    ``generator_loss_fused`` (LPIPS and the discriminator back-propagated once, not twice; the same
+    gradients); False: upstream's order (``generator_loss`` then its backward).
 
     ``__call__(x, batch_index, generator)`` returns a dict of logged numbers (tensors) plus "ae_skipped"
     and "disc_skipped" (bools: a non-finite loss or gradient norm skipped that optimiser's step).
@@ -365,7 +367,9 @@ class TrainStep:
     def __init__(self, autoencoder: nn.Module, vae: nn.Module, loss: LPIPSWithDiscriminator, disc_pair: nn.Module,
                  opt_ae: torch.optim.Optimizer, opt_disc: torch.optim.Optimizer, *, max_grad_norm: float = 1.0,
                  amp: Callable[[], Any] = contextlib.nullcontext, backward: Optional[Callable] = None,
-                 clip: Optional[Callable] = None, any_rank: Optional[Callable[[bool], bool]] = None):
+                 clip: Optional[Callable] = None, any_rank: Optional[Callable[[bool], bool]] = None,
+                 fused: bool = True):
+        self.fused = fused
         self.autoencoder, self.vae, self.loss, self.disc_pair = autoencoder, vae, loss, disc_pair
         self.opt_ae, self.opt_disc, self.max_grad_norm, self.amp = opt_ae, opt_disc, max_grad_norm, amp
         self.backward = backward or (lambda t: t.backward())
@@ -383,16 +387,22 @@ class TrainStep:
             recon, moments = self.autoencoder(x, generator)
             posterior = DiagonalGaussianDistribution(moments)
             with frozen(self.loss.discriminator) as disc:
-                ae_loss, log = self.loss.generator_loss(x, recon, posterior, lightning_step(batch_index, False),
-                                                        last_layer=last_layer, discriminator=disc)
-        out: Dict[str, Any] = dict(log)
+                if self.fused:
+                    ae_loss, log, surrogate = self.loss.generator_loss_fused(
+                        x, recon, posterior, lightning_step(batch_index, False), last_layer, discriminator=disc)
+                else:
+                    ae_loss, log = self.loss.generator_loss(x, recon, posterior, lightning_step(batch_index, False),
+                                                            last_layer=last_layer, discriminator=disc)
+                    surrogate = ae_loss
+        out: Dict[str, Any] = dict(log, total_loss=ae_loss.detach())
         if self.any_rank(not bool(torch.isfinite(ae_loss))):
             self.opt_ae.zero_grad(set_to_none=True)
             self.opt_disc.zero_grad(set_to_none=True)
             out.update(ae_skipped=True, disc_skipped=True)
             return out
         self.opt_ae.zero_grad(set_to_none=True)
-        self.backward(ae_loss)
+        self.backward(surrogate)
+        del surrogate
         norm = self.clip(self.ae_params, self.max_grad_norm)
         out["grad_norm"] = norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
         out["ae_skipped"] = self.any_rank(not bool(torch.isfinite(out["grad_norm"])))

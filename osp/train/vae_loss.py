@@ -212,6 +212,46 @@ class LPIPSWithDiscriminator(nn.Module):
                "disc_factor": torch.tensor(disc_factor), "g_loss": g_loss.detach()}
         return loss, log
 
+    def generator_loss_fused(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posterior, global_step: int,
+                             last_layer: torch.Tensor,
+                             discriminator: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+        """``generator_loss`` with each loss network's backward run once: (loss value (detached), log,
+        surrogate), where ``surrogate.backward()`` gives the autoencoder exactly the gradients of
+        upstream's loss (to rounding).
+
+        Upstream back-propagates nll_loss and g through LPIPS and the discriminator twice: once for the
+        adaptive weight's gradients w.r.t. W, once more in the loss's backward. Here the two terms are
+        differentiated w.r.t. the reconstruction x_hat once each (their graphs are then freed); the W
+        gradients are those x_hat-gradients pulled back through the decoder's last conv alone (the
+        chain rule upstream's autograd applies), and the surrogate is sum(x_hat * (dnll/dx_hat +
+        lambda * f * dg/dx_hat)) + kl_weight * kl, whose gradient is the loss's."""
+        disc = self.discriminator if discriminator is None else discriminator
+        r = reconstructions.detach().requires_grad_(True)
+        rec, nll_loss, _ = self.reconstruction(inputs, r)
+        kl = posterior.kl()
+        kl_loss = torch.sum(kl) / kl.shape[0]
+        g_loss = -torch.mean(disc(frames(r).contiguous()))
+        grad_nll = torch.autograd.grad(nll_loss, r)[0]
+        grad_g = torch.autograd.grad(g_loss, r)[0]
+        if self.disc_factor > 0.0:
+            w_nll = torch.autograd.grad(reconstructions, last_layer, grad_nll, retain_graph=True)[0]
+            w_g = torch.autograd.grad(reconstructions, last_layer, grad_g, retain_graph=True)[0]
+            d_weight = torch.clamp(torch.norm(w_nll) / (torch.norm(w_g) + 1e-4), 0.0, 1e4) * self.discriminator_weight
+        else:
+            d_weight = torch.zeros((), device=nll_loss.device)
+        disc_factor = self.disc_factor_at(global_step)
+        loss = (nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss).detach()
+        dtype = torch.promote_types(reconstructions.dtype, torch.float32)  # bf16 under autocast: add in fp32
+        grad = grad_nll.to(dtype)
+        if disc_factor:
+            grad = grad + (d_weight * disc_factor).to(dtype) * grad_g.to(dtype)
+        surrogate = torch.sum(reconstructions.to(dtype) * grad.detach()) + self.kl_weight * kl_loss
+        log = {"total_loss": loss, "logvar": self.logvar.detach(), "kl_loss": kl_loss.detach(),
+               "nll_loss": nll_loss.detach(), "rec_loss": rec.detach().mean(), "d_weight": d_weight.detach(),
+               "disc_factor": torch.tensor(disc_factor), "g_loss": g_loss.detach()}
+        return loss, log, surrogate
+
     def discriminator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, global_step: int,
                            discriminator: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                            pair: Optional[Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]]
