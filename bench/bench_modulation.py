@@ -1,6 +1,6 @@
 """adaLN-single pieces of LatteT2V blocks: layer_norm_modulate and gated_residual.
 
-Each backend is timed against the upstream-style eager expressions in the same run:
+Each backend (on CPU: ``ext`` when osp._C is built, and ``torch``) is timed against the upstream-style eager expressions in the same run:
 ``F.layer_norm(x) * (1 + scale) + shift`` and ``x + gate * y``, forward alone and forward plus
 backward (gradients of every input under a random upstream gradient). Shapes are LatteT2V-XL's
 (D = 1152) token tensors: spatial blocks (batch x frames, tokens per frame, D) and temporal blocks
@@ -14,14 +14,15 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from osp.ops import gated_residual, layer_norm_modulate
+from osp.ops import _ext, gated_residual, layer_norm_modulate
 
 from .harness import INTERPRETER_NOTE, Case, timed
 
 D = 1152
 # 17x256x256 clips (latent 5x32x32, 256 tokens per frame) and 65x512x512 (17x64x64, 1024 tokens), batch 2.
 GPU_SHAPES = [("spatial", (10, 256, D)), ("temporal", (512, 5, D)), ("spatial", (34, 1024, D)), ("temporal", (2048, 17, D))]
-CPU_SHAPES = [("spatial", (4, 64, 288)), ("temporal", (64, 5, 288))]
+# CPU: the demo's tiny model (D = 288) and one XL-width spatial block of a 17x256x256 clip.
+CPU_SHAPES = [("spatial", (4, 64, 288)), ("temporal", (64, 5, 288)), ("spatial", (2, 256, D))]
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -37,7 +38,8 @@ def cases(device: str, quick: bool) -> List[Case]:
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     shapes = GPU_SHAPES if cuda else CPU_SHAPES
-    backends = ["triton", "torch"] if cuda else ["torch"] + (
+    ext = [] if cuda or _ext.why_not("layer_norm_modulate", "cpu") else ["ext"]
+    backends = ["triton", "torch"] if cuda else ext + ["torch"] + (
         ["triton"] if os.environ.get("TRITON_INTERPRET", "0") == "1" else [])
     out: List[Case] = []
     for kind, shape in shapes[:1] if quick else shapes:

@@ -128,10 +128,27 @@ def test_gated_residual_mixed_dtypes_go_to_torch():
     from osp.ops import registered_ops
 
     op = registered_ops()["gated_residual"]
-    x, m = torch.randn(2, 5, 40), torch.randn(2, 40)
+    x, m = torch.randn(2, 5, 40, requires_grad=True), torch.randn(2, 40)
     assert op.select((x, m, x), {}).name == "ext"
-    assert op.select((x.half(), m, x.half()), {}).name == "torch"  # promotes to fp32: torch's rule
-    assert gated_residual(x.half(), m, x.half()).dtype == torch.float32
+    xh = x.detach().half().requires_grad_()
+    assert op.select((xh, m, xh), {}).name == "torch"  # promotes to fp32: torch's rule
+    assert gated_residual(xh, m, xh).dtype == torch.float32
+
+
+def test_gated_residual_ext_is_chosen_on_cpu_only_when_a_gradient_is_recorded():
+    """Forward alone, torch.addcmul is the faster CPU path (bench_modulation); forward and backward,
+    the ext pair. Forcing ext runs it either way."""
+    from osp.ops import registered_ops
+
+    op = registered_ops()["gated_residual"]
+    x, m, y = torch.randn(2, 5, 40), torch.randn(2, 40), torch.randn(2, 5, 40)
+    assert op.select((x, m, y), {}).name == "torch"
+    assert "forward only" in op.explain(x, m, y)["ext"]
+    assert op.select((x, m.requires_grad_(), y), {}).name == "ext"
+    with torch.no_grad():
+        assert op.select((x, m, y), {}).name == "torch"
+        out = gated_residual(x, m, y, backend="ext")
+    torch.testing.assert_close(out, gated_residual_reference(x, m, y).float())
 
 
 def test_gated_residual_opcheck_and_determinism():
@@ -142,3 +159,32 @@ def test_gated_residual_opcheck_and_determinism():
     dout = torch.randn(2, 70, 96)
     runs = [torch.autograd.grad(gated_residual(x, gate, y, backend="ext"), (x, gate, y), dout) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_torch_compile_traces_the_registered_ops():
+    """Eager calls run the kernels through a plain autograd.Function; under torch.compile
+    (fullgraph=True) the registered ops with their fake and autograd kernels are traced instead, and
+    forward and backward equal eager."""
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def f(x, shift, scale, gate, y):
+        h = layer_norm_modulate(x, shift, scale, backend="ext")
+        return gated_residual(x, gate, h * y, backend="ext")
+
+    g = torch.Generator().manual_seed(3)
+    leaves = [torch.randn(s, generator=g).requires_grad_() for s in
+              [(2, 7, 24), (2, 1, 24), (2, 1, 24), (2, 1, 24), (2, 7, 24)]]
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend=capture)(*leaves)
+    assert any("osp_C.layer_norm_modulate" in t for t in seen) and any("osp_C.gated_residual" in t for t in seen), seen
+    expected = f(*leaves)
+    torch.testing.assert_close(out, expected)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*leaves)
+    dy = torch.randn(out.shape, generator=g)
+    for a, e in zip(torch.autograd.grad(out, leaves, dy), torch.autograd.grad(expected, leaves, dy)):
+        torch.testing.assert_close(a, e)

@@ -18,6 +18,7 @@ level in turn).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import json
 import os
@@ -164,6 +165,35 @@ def set_cpu_isa(name: str = "") -> str:
     return torch.ops.osp_C.set_cpu_isa(name)
 
 
+def below_autograd():
+    """A context in which osp_C ops dispatch straight to their kernels, below the Autograd key.
+
+    Inside a torch.autograd.Function (osp.ops.modulation's eager ``ext`` path) the op's Python
+    autograd kernel registered here would only add overhead (it measured about 17 us a call on
+    CPU, as long as a small kernel itself); torch.compile traces the registered ops instead."""
+    below = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+    return below() if below is not None else contextlib.nullcontext()
+
+
+def layer_norm_modulate_grads(dy, x, scale, mean, rstd, shift_rows: int, shift_dtype):
+    """(dx, dshift, dscale) of osp_C::layer_norm_modulate, reduced to one row where shift or scale
+    had one row for every batch entry."""
+    dx, dshift, dscale = torch.ops.osp_C.layer_norm_modulate_backward(dy, x, scale, mean, rstd)
+    if shift_rows == 1 and x.shape[0] != 1:
+        dshift = dshift.sum(0, keepdim=True)
+    if scale.shape[0] == 1 and x.shape[0] != 1:
+        dscale = dscale.sum(0, keepdim=True)
+    return dx, dshift.to(shift_dtype), dscale.to(scale.dtype)
+
+
+def gated_residual_grads(dout, gate, y):
+    """(dx, dgate, dy) of osp_C::gated_residual (x + gate * y)."""
+    dy, dgate = torch.ops.osp_C.gated_residual_backward(dout, gate, y)
+    if gate.shape[0] == 1 and y.shape[0] != 1:
+        dgate = dgate.sum(0, keepdim=True)
+    return dout, dgate.to(gate.dtype), dy
+
+
 def _register_python_parts() -> None:
     global _REGISTERED
     if _REGISTERED:  # load() may run again (tests); torch.library refuses a second registration
@@ -244,26 +274,16 @@ def _register_python_parts() -> None:
         ctx.shift_rows, ctx.shift_dtype = shift.shape[0], shift.dtype
 
     def lnm_backward(ctx, dy, dmean, drstd):
-        x, scale, mean, rstd = ctx.saved_tensors
         if dy is None:
             return None, None, None, None
-        dx, dshift, dscale = torch.ops.osp_C.layer_norm_modulate_backward(dy, x, scale, mean, rstd)
-        if ctx.shift_rows == 1 and x.shape[0] != 1:  # one row for every batch entry
-            dshift = dshift.sum(0, keepdim=True)
-        if scale.shape[0] == 1 and x.shape[0] != 1:
-            dscale = dscale.sum(0, keepdim=True)
-        return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
+        return layer_norm_modulate_grads(dy, *ctx.saved_tensors, ctx.shift_rows, ctx.shift_dtype) + (None,)
 
     def gated_setup_context(ctx, inputs, output):
         x, gate, y = inputs
         ctx.save_for_backward(gate, y)
 
     def gated_backward(ctx, dout):
-        gate, y = ctx.saved_tensors
-        dy, dgate = torch.ops.osp_C.gated_residual_backward(dout, gate, y)
-        if gate.shape[0] == 1 and y.shape[0] != 1:
-            dgate = dgate.sum(0, keepdim=True)
-        return dout, dgate.to(gate.dtype), dy
+        return gated_residual_grads(dout, *ctx.saved_tensors)
 
     if hasattr(torch.ops.osp_C, "gated_residual"):
         torch.library.register_autograd(lib + "gated_residual", gated_backward, setup_context=gated_setup_context)
