@@ -17,7 +17,8 @@ import sys
 from typing import List, NoReturn, Optional
 
 # Module names under osp.cli, in the order ``osp --help`` lists them.
-COMMANDS = ("info", "demo", "bench", "sample", "make-data", "cache-latents", "train-t2v", "train-vae")
+COMMANDS = ("info", "demo", "bench", "sample", "make-data", "cache-latents", "train-t2v", "train-vae", "reconstruct",
+            "eval-vae")
 
 
 class UsageError(Exception):
