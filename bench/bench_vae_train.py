@@ -20,8 +20,8 @@ synchronization ends every step (the loop reads the losses).
 GPU: upstream's release config (hidden 128, mult 1,2,4,4, 2 res blocks), 17x256x256, batch 1, bf16
 autocast over fp32 weights (osp train-vae's and Lightning's bf16-mixed); peak memory per side: CUDA
 max_memory_allocated above what was allocated before one step, plus its resident weights and Adam
-state; "data" holds both and their ratio. CPU: hidden 32, mult 1,1,2,2, 1 res block, 5x32x32, fp32:
-it says the machinery works, not how fast a GPU is. "data" also holds each side's first-step loss
+state; "data" holds both and their ratio. CPU: hidden 32, mult 1,1,2,2, 1 res block, fp32, 5x32x32
+(--quick) and 9x64x64: they say the machinery works, not how fast a GPU is. "data" also holds each side's first-step loss
 (same weights and inputs: they agree to the dtype's rounding).
 """
 from __future__ import annotations
@@ -36,9 +36,9 @@ from .harness import Case
 
 OP, MODE = "vae_train_step", "gen+disc"
 BASELINE = "upstream-style (replicate+cat+conv3d, interpolate then conv, eager GroupNorm, SiLU)"
-GPU = dict(config={}, clip=(1, 3, 17, 256, 256), amp=True)
-CPU = dict(config=dict(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1), clip=(1, 3, 5, 32, 32),
-           amp=False)
+GPU = [dict(config={}, clip=(1, 3, 17, 256, 256), amp=True)]
+_SMALL = dict(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1)
+CPU = [dict(config=_SMALL, clip=(1, 3, 5, 32, 32), amp=False), dict(config=_SMALL, clip=(1, 3, 9, 64, 64), amp=False)]
 
 
 def _sync(device: str) -> None:
@@ -96,23 +96,26 @@ def _peak_mib(fn: Callable[[], object], resident: Callable[[], int]) -> float:
 
 
 def cases(device: str, quick: bool) -> List[Case]:
+    cuda = str(device).startswith("cuda")
+    specs = (GPU if cuda else CPU)[: 1 if quick else None]
+    return [_case(spec, device) for spec in specs]
+
+
+def _case(spec: Dict, device: str) -> Case:
     from osp.models import CausalVideoVAE
+    from osp.train.vae_loss import NLayerDiscriminator
 
     cuda = str(device).startswith("cuda")
-    spec = GPU if cuda else CPU
     shape = "x".join(map(str, spec["clip"][2:])) + f" b{spec['clip'][0]}"
     dtype = "bf16 amp" if spec["amp"] else "fp32"
     try:
         perceptual = _perceptual(device)
     except Exception as exc:  # osp.eval not importable: a row that says so
-        return [Case(op=OP, shape=shape, dtype=dtype, layout="bcthw", backend="auto", mode=MODE, run=lambda: None,
-                     baseline=None, baseline_name=BASELINE, bytes=0,
-                     skip=f"LPIPS unavailable ({type(exc).__name__}: {exc})")]
+        return Case(op=OP, shape=shape, dtype=dtype, layout="bcthw", backend="auto", mode=MODE, run=lambda: None,
+                    baseline=None, baseline_name=BASELINE, bytes=0, skip=f"LPIPS unavailable ({type(exc).__name__}: {exc})")
     torch.manual_seed(0)
     vae = CausalVideoVAE(**spec["config"]).to(device)
     twin = copy.deepcopy(vae)
-    from osp.train.vae_loss import NLayerDiscriminator
-
     disc_state = NLayerDiscriminator().to(device).state_dict()
     x = (torch.rand(spec["clip"], generator=torch.Generator().manual_seed(1)) * 2 - 1).to(device)
     ours, ours_resident, xo = build_side(vae, disc_state, perceptual, device, spec["amp"], upstream=False)
@@ -130,5 +133,5 @@ def cases(device: str, quick: bool) -> List[Case]:
     else:
         note += "; peak memory: CUDA only"
     # bytes: fp32 weights read by forward and backward and gradients written, plus Adam's 7 x 4 B
-    return [Case(op=OP, shape=shape, dtype=dtype, layout="bcthw", backend="auto", mode=MODE, run=ours, baseline=base,
-                 baseline_name=BASELINE, bytes=n_params * 4 * (3 + 7), note=note, data=data)]
+    return Case(op=OP, shape=shape, dtype=dtype, layout="bcthw", backend="auto", mode=MODE, run=ours, baseline=base,
+                baseline_name=BASELINE, bytes=n_params * 4 * (3 + 7), note=note, data=data)
