@@ -303,3 +303,18 @@ def test_fvd_bad_inputs():
         fvd(real, real[..., :12], detector=det)
     with pytest.raises(ValueError, match=r"fvd_upstream: 2 real and 1 fake clips; expected pairs"):
         fvd_upstream(torch.rand(2, 10, 3, 8, 8), torch.rand(1, 10, 3, 8, 8), detector=det)
+
+
+def test_bench_baseline_is_upstreams_loop():
+    """bench/bench_eval.py's baseline (upstream's per-frame loop) gives osp's values."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import bench_eval
+
+    a, b = videos(2, 2, 3, 20, 17, seed=18, dtype=torch.float32)
+    _, filt = bench_eval.frame_filter()
+    ref_ssim, ref_psnr = bench_eval.upstream_loop(a, b, filt)
+    np.testing.assert_allclose(ssim(a, b).numpy(), ref_ssim, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(psnr(a, b).numpy(), ref_psnr, rtol=1e-5)  # upstream's mse is float32
