@@ -5,7 +5,7 @@
 tensors one D-vector per batch entry ((B, D), (B, 1, D)) or one for all ((D,), (1, D), (1, 1, D)).
 Backends: ``triton`` (kernels/modulation.py), ``ext`` (the compiled ``osp_C::layer_norm_modulate``
 and ``osp_C::gated_residual``, CPU; gated_residual's only when x, gate and y share one dtype, and
-chosen automatically only when a gradient is recorded: forward alone, torch.addcmul is faster),
+chosen automatically only with grad mode on: forward alone, torch.addcmul is faster),
 ``torch`` (F.layer_norm / torch.addcmul, eager).
 Both ops form the dispatch group ``modulation`` (``OSP_BACKEND=modulation=torch``).
 
@@ -128,8 +128,9 @@ class _LayerNormModulateExt(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        saved = ctx.saved_tensors  # outside below_autograd: unpacking may run a checkpoint's recomputation
         with _ext.below_autograd():
-            return _ext.layer_norm_modulate_grads(dy, *ctx.saved_tensors, ctx.shift_rows, ctx.shift_dtype) + (None,)
+            return _ext.layer_norm_modulate_grads(dy, *saved, ctx.shift_rows, ctx.shift_dtype) + (None,)
 
 
 def _lnm_ext_run(x, shift, scale, eps):
@@ -228,8 +229,9 @@ class _GatedResidualExt(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        saved = ctx.saved_tensors  # outside below_autograd: unpacking may run a checkpoint's recomputation
         with _ext.below_autograd():
-            return _ext.gated_residual_grads(dout, *ctx.saved_tensors)
+            return _ext.gated_residual_grads(dout, *saved)
 
 
 def _gated_ext_run(x, gate, y):
@@ -247,11 +249,11 @@ def _gated_ext_why_not(x, gate, y, *, forced):
                   "or bfloat16 (the torch backend promotes)")
     if reason is None and x.numel() == 0:
         reason = "empty tensor"
-    if (reason is None and not forced and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad or y.requires_grad))):
+    if reason is None and not forced and x.device.type == "cpu" and not torch.is_grad_enabled():
         # bench_modulation (2-core CPU, fp32): forward alone, torch.addcmul runs 1.1-1.6x faster than
-        # the ext kernel; forward and backward, the ext pair is 1.05-1.3x faster.
-        reason = "forward only on CPU, where torch.addcmul measured faster; force backend='ext' to use it"
+        # the ext kernel; forward and backward, the ext pair is 1.05-1.3x faster. Grad mode decides,
+        # not requires_grad: a checkpointed block's recomputation must choose as its forward did.
+        reason = "grad mode is off (forward only) on CPU, where torch.addcmul measured faster; force backend='ext' to use it"
     return reason
 
 
