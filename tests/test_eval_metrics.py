@@ -275,6 +275,7 @@ def test_fvd_loads_the_torchscript_detector(tmp_path):
         fvd(real, fake)
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # scipy's sqrtm of rank-deficient batch covariances
 def test_fvd_upstream_averages_batches_and_prefixes():
     g = torch.Generator().manual_seed(16)
     real = torch.rand(5, 12, 3, 16, 16, generator=g)

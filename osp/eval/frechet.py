@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
@@ -115,7 +116,9 @@ def load_i3d(path: Optional[str], device: Union[str, torch.device] = "cpu") -> D
             f"FVD needs the I3D detector {I3D_FILE} (StyleGAN-V's TorchScript file, as upstream uses; osp "
             f"downloads nothing): {'no path given' if path is None else f'no file at {path!r}'}. Download it "
             f"from {I3D_URL} and pass its path (detector_path=..., or --i3d_path in osp eval-vae)")
-    model = torch.jit.load(path, map_location=device).eval()
+    with warnings.catch_warnings():  # torch 2.9+ deprecates TorchScript; the detector only exists as one
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=DeprecationWarning)
+        model = torch.jit.load(path, map_location=device).eval()
 
     def detector(x: torch.Tensor) -> torch.Tensor:
         return model(x, rescale=False, resize=False, return_features=True)
