@@ -53,6 +53,10 @@ ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
 CXX_FLAGS = ["-O3", "-g0", "-ffp-contract=off"]  # fused multiply-adds only where written (bit-stable across levels)
+# at::parallel_for is inline OpenMP: without -fopenmp the kernels run on one thread. Linking with it
+# adds a DT_NEEDED on libgomp.so.1, which the loader resolves to the libgomp torch already loaded
+# (same soname), so torch.set_num_threads governs the kernels too.
+OPENMP_FLAGS = ["-fopenmp"] if platform.system() == "Linux" else []
 
 
 def _say(msg: str) -> None:
@@ -149,7 +153,8 @@ def extension_modules():
     isas = _cpu_isas()
     macros = [(f"OSP_ISA_{isa.upper()}", None) for isa in isas if isa != "default"]
     ext = cpp_extension.CppExtension(
-        "osp._C", cpu_sources, define_macros=macros, extra_compile_args={"cxx": list(CXX_FLAGS)},
+        "osp._C", cpu_sources, define_macros=macros, extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS},
+        extra_link_args=list(OPENMP_FLAGS),
         depends=sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.h")),
         optional=(mode == "auto"),
     )
@@ -158,6 +163,7 @@ def extension_modules():
         "torch": torch.__version__,
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
         "cpu_isas": isas,
+        "openmp": bool(OPENMP_FLAGS),
         "cuda": False,
         "cuda_archs": [],
         "ops": _served_ops(cpu_sources),

@@ -33,7 +33,8 @@ def test_quick_demo_exits_0_and_tells_the_whole_story(quick_run):
     text = proc.stdout
     for line in ("# osp demo --quick", "Time budget:", f"Everything it writes goes to {out}", "## 1. osp info",
                  "## 2. Parity", "parity: all PASS", "## 3. VAE", "## 4. Tiled decoding", "## 5. Train",
-                 "$ osp make-data", "$ osp cache-latents", "$ osp train-t2v", "--use_ema", "--cfg_dropout 0.1",
+                 "$ osp make-data", "$ osp train-vae", "held-out reconstruction of 8 clips: PSNR",
+                 "$ osp cache-latents", "$ osp train-t2v", "--use_ema", "--cfg_dropout 0.1",
                  "$ osp sample", "random weights", "## 6. Did it learn the prompt?", "Judged attribute:",
                  "| all |", "verdict: ", "## Summary", "time per section:"):
         assert line in text, line
@@ -51,11 +52,19 @@ def test_quick_demo_writes_its_outputs_whole(quick_run):
     assert all(os.path.getsize(out / "samples" / p) > 0 for p in mp4s)
     for sub in ("model", "model_ema"):
         assert os.path.isfile(out / "train" / sub / "config.json")
+    # the trained VAE, with the scaling factor train-vae measured, is the one the latents came from
+    with open(out / "vae" / "model" / "config.json", encoding="utf-8") as f:
+        scaling_factor = json.load(f)["scaling_factor"]
+    with open(out / "cache" / "manifest.json", encoding="utf-8") as f:
+        assert str(out / "vae" / "model") in f.read()
     with open(out / "learned_prompt.json", encoding="utf-8") as f:
         record = json.load(f)
     assert record["attribute"] in story.ATTRIBUTES and record["rows"][-1]["value"] == "all"
     assert record["rows"][-1]["prompts"] == len(record["prompts"]) > 0
     assert record["verdict"] in proc.stdout
+    vae = record["vae"]
+    assert vae["steps"] == story.QUICK.vae_steps and vae["scaling_factor"] == scaling_factor != 0.18215
+    assert vae["after"]["clips"] == 8 and vae["after"]["psnr"] > vae["before"]["psnr"]
     with open(out / story.MARKER, encoding="utf-8") as f:
         marker = json.load(f)
     assert marker["complete"] is True and marker["exit_code"] == 0

@@ -552,3 +552,15 @@ def test_osp_cpu_isa_environment_variable_forces_a_level():
     env["OSP_CPU_ISA"] = "sse9"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.startswith("False None | OSP_CPU_ISA='sse9': osp_C: unknown CPU ISA level 'sse9'"), out.stdout
+
+
+@needs_ext
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP is built in on Linux")
+def test_kernels_run_on_torch_openmp_runtime():
+    """at::parallel_for is inline OpenMP: the library is built with -fopenmp (else every kernel runs on
+    one thread) and binds to the libgomp torch loaded, so there is one OpenMP runtime in the process and
+    torch.set_num_threads governs the kernels."""
+    assert _ext.METADATA.get("openmp") is True, _ext.METADATA
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) == 1, gomp

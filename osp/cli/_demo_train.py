@@ -1,16 +1,18 @@
 """The training story of ``osp demo``: synthetic clips -> latent cache -> a tiny LatteT2V trained from
 scratch -> mp4 samples -> a measured check that the model learned the prompt.
 
-Each step is an osp command run in this process (``osp make-data``, ``osp cache-latents``,
-``osp train-t2v``, ``osp sample``), printed as the command line a user would type; only the VAE
-and the untrained model are made here in Python, since no command makes a random-weight model.
+Each step is an osp command run in this process (``osp make-data``, ``osp train-vae``,
+``osp cache-latents``, ``osp train-t2v``, ``osp sample``), printed as the command line a user would
+type; only the two models' random initializations are made here in Python, since no command makes
+a random-weight model.
 
-The VAE has random weights (nothing is downloaded), so its decoded videos are not pictures of
-shapes: learning is judged in latent space. For the caption attribute whose values the training
-latents separate best (on this VAE: the background), prompts naming each value are sampled (as
-latents, with the pipeline) by the trained model and by the same model before training, and each
-sample is scored by the class-mean latent it lies nearest to (mean over the training clips with
-that value).
+The VAE is trained first (a tiny CausalVideoVAE, from scratch, on the synthetic clips; nothing is
+downloaded), its PSNR/SSIM on held-out clips printed before and after; the text-to-video model then
+trains on its latents, so its samples decode to coloured shapes. Learning the prompt is judged in
+latent space: for the caption attribute whose values the training latents separate best, prompts
+naming each value are sampled (as latents, with the pipeline) by the trained model and by the same
+model before training, and each sample is scored by the class-mean latent it lies nearest to (mean
+over the training clips with that value).
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -30,7 +31,8 @@ import torch
 
 MARKER = "osp-demo.json"  # in --output_dir: which demo wrote the folder, and whether it finished
 # What the demo writes under --output_dir (all of it is replaced by the next demo run there).
-OUTPUTS = ("data", "vae", "cache", "untrained", "train", "samples", "learned_prompt.json", "logs", MARKER)
+OUTPUTS = ("data", "heldout", "vae_init", "vae", "cache", "untrained", "train", "samples", "learned_prompt.json",
+           "logs", MARKER)
 ATTRIBUTES = ("background", "color", "shape", "direction")  # caption attributes make-data records
 
 
@@ -51,6 +53,7 @@ class Plan:
     guidance_scale: float
     prompts_per_class: int  # prompts per attribute value in the check
     mp4_prompts: int  # videos osp sample writes
+    vae_steps: int  # osp train-vae steps (batches of 4 clips of 9 frames)
     seed: int = 0
     model_max_length: int = 64  # byte tokens: the longest caption ("a magenta triangle moving right on a
     # gradient background") is 56; fewer would cut the background off
@@ -58,10 +61,10 @@ class Plan:
 
 FULL = Plan("full", num_videos=192, num_frames=17, size=32, train_steps=1500, batch_size=16, learning_rate=1e-3,
             warmup_steps=50, sample_method="PNDM", sampling_steps=50, guidance_scale=4.0, prompts_per_class=8,
-            mp4_prompts=6)
+            mp4_prompts=6, vae_steps=400)
 QUICK = Plan("quick", num_videos=48, num_frames=9, size=32, train_steps=300, batch_size=16, learning_rate=1e-3,
              warmup_steps=20, sample_method="PNDM", sampling_steps=20, guidance_scale=4.0, prompts_per_class=4,
-             mp4_prompts=2)
+             mp4_prompts=2, vae_steps=30)
 
 
 # --- output folder ------------------------------------------------------------------------------------
@@ -157,43 +160,38 @@ def osp_command(argv: Sequence[str], root: str, quiet: bool = False) -> None:
 # --- models made in Python -------------------------------------------------------------------------------
 
 
-def make_vae(path: str, data_path: str, plan: Plan, device: torch.device) -> Dict[str, float]:
-    """Save a small random-weight CausalVideoVAE at ``path`` (hidden 32, mult [1,1,2,2], one res block,
-    seeded) with three choices that make its latents usable for training, and return them:
+VAE_CONFIG = dict(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1)  # 4x8x8, 4 channels
+VAE_CLIP_FRAMES = 9  # train-vae's clips (the causal VAE encodes any 1 + 4k frames)
 
-    - every res block's second conv scaled by 0.1, so that the residual path dominates as in a
-      trained model (osp.testing.vae_tiling does the same);
-    - a near-deterministic posterior (log-variance rows of quant_conv zero weights, bias -10: std
-      0.0067), as a trained VAE's is; a random one has std ~1, which would bury the latents in noise;
-    - scaling_factor = 1 / std of its latents on the first clips, so the diffusion model sees latents
-      of unit variance (0.18215 is that number for upstream's trained VAE).
-    """
-    from ..data import VideoCaptionDataset
+
+def make_vae_init(path: str, plan: Plan) -> None:
+    """Save a tiny CausalVideoVAE (VAE_CONFIG) at its random initialization (seeded) for train-vae."""
     from ..models import CausalVideoVAE
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)
-        vae = CausalVideoVAE(hidden_size=32, hidden_size_mult=[1, 1, 2, 2], num_res_blocks=1).eval()
-    E = vae.config.embed_dim
-    with torch.no_grad():
-        params = dict(vae.named_parameters())
-        for name, p in params.items():
-            # upstream's state-dict names: encoder/decoder res blocks (level blocks and mid blocks)
-            if re.search(r"(\.block\.\d+|\.mid\.block_\d+)\.conv2\.conv\.weight$", name):
-                p.mul_(0.1)
-        params["quant_conv.conv.weight"][E:].zero_()
-        params["quant_conv.conv.bias"][E:].fill_(-10.0)
-        data = VideoCaptionDataset(data_path, num_frames=plan.num_frames, max_image_size=plan.size, use_image_num=0,
-                                   flip=False)
-        clips = torch.stack([data[i]["video"] for i in range(min(16, len(data)))])
-        vae.to(device)
-        mean = torch.cat([vae.encode(c[None].to(device)).latent_dist.mean.float().cpu() for c in clips])
-    scaling_factor = round(1.0 / mean.std().item(), 5)
-    vae.register_to_config(scaling_factor=scaling_factor)
+        vae = CausalVideoVAE(**VAE_CONFIG)
     tmp = f"{path}.tmp-{os.getpid()}"
-    vae.to("cpu").save_pretrained(tmp)
+    vae.save_pretrained(tmp)
     os.replace(tmp, path)
-    return {"scaling_factor": scaling_factor, "latent_std": mean.std().item()}
+
+
+def reconstruction_metrics(vae_path: str, data_path: str, plan: Plan, device: torch.device) -> Dict[str, float]:
+    """PSNR (dB) and SSIM of the VAE at ``vae_path`` on the clips of ``data_path`` (posterior mode,
+    decoded, clamped), as osp eval-vae computes them (osp.eval; videos in [0, 1])."""
+    from ..data import VideoCaptionDataset
+    from ..eval import psnr, ssim
+    from ..models import CausalVideoVAE
+
+    data = VideoCaptionDataset(data_path, num_frames=VAE_CLIP_FRAMES, max_image_size=plan.size, use_image_num=0,
+                               flip=False)
+    clips = torch.stack([data[i]["video"] for i in range(len(data))]).to(device)  # (B, C, T, H, W) in [-1, 1]
+    vae = CausalVideoVAE.from_pretrained(vae_path).to(device).eval()
+    with torch.no_grad():
+        rec = torch.cat([vae.decode(vae.encode(c[None]).latent_dist.mode()).sample for c in clips])
+    real = ((clips.float().clamp(-1, 1) + 1) / 2).transpose(1, 2).cpu()
+    fake = ((rec.float().clamp(-1, 1) + 1) / 2).transpose(1, 2).cpu()
+    return {"psnr": psnr(real, fake).mean().item(), "ssim": ssim(real, fake).mean().item(), "clips": len(clips)}
 
 
 def make_untrained(path: str, plan: Plan, latent_frames: int, latent_size: int) -> None:
@@ -309,7 +307,8 @@ def verdict(trained: float, untrained: float, chance: float, margin: float) -> b
 def run_training_story(root: str, plan: Plan, device: torch.device) -> dict:
     """Print sections 5 (train) and 6 (the learned-prompt check); returns the check's record."""
     timings: Dict[str, float] = {}
-    data_dir, vae_dir, cache_dir = (os.path.join(root, n) for n in ("data", "vae", "cache"))
+    data_dir, vae_train_dir, cache_dir = (os.path.join(root, n) for n in ("data", "vae", "cache"))
+    vae_dir = os.path.join(vae_train_dir, "model")  # what osp train-vae saves
     init_dir, train_dir, samples_dir = (os.path.join(root, n) for n in ("untrained", "train", "samples"))
     data_path = os.path.join(data_dir, "data.json")
 
@@ -325,17 +324,36 @@ def run_training_story(root: str, plan: Plan, device: torch.device) -> dict:
     timings["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    vae_info = make_vae(vae_dir, data_path, plan, device)
-    print(f"\n5b. A random-weight CausalVideoVAE (hidden 32, mult [1,1,2,2], 1 res block, seed {plan.seed}; 4x8x8 "
-          f"compression) saved to $OUT/vae: NOT a trained VAE (nothing is downloaded). Res blocks' second conv x0.1 "
-          f"and a near-deterministic posterior stand in for training; scaling_factor {vae_info['scaling_factor']:.4g} "
-          f"(1 / std of its latents, {vae_info['latent_std']:.3f}) gives the diffusion model unit-variance latents.")
+    heldout_dir, init_vae_dir = os.path.join(root, "heldout"), os.path.join(root, "vae_init")
+    heldout_path = os.path.join(heldout_dir, "data.json")
+    print(f"\n5b. Train the VAE: a tiny CausalVideoVAE (hidden 32, mult [1,1,2,2], 1 res block; 4x8x8 compression "
+          f"to 4 channels) from its random initialization (saved to $OUT/vae_init), {plan.vae_steps} steps of 4 "
+          f"clips of {VAE_CLIP_FRAMES} frames, upstream's loss without the perceptual and adversarial terms (they need "
+          "downloaded weights and many more steps). Held-out clips from another seed judge it.")
+    osp_command(["make-data", "--output_dir", heldout_dir, "--num_videos", "8", "--num_frames", str(VAE_CLIP_FRAMES),
+                 "--size", str(plan.size), "--seed", str(plan.seed + 1)], root, quiet=True)
+    make_vae_init(init_vae_dir, plan)
+    osp_command(["train-vae", "--load_from_checkpoint", init_vae_dir, "--video_path", os.path.join(data_dir, "videos"),
+                 "--video_num_frames", str(VAE_CLIP_FRAMES), "--resolution", str(plan.size), "--batch_size", "4",
+                 "--precision", "32", "--max_steps", str(plan.vae_steps), "--save_steps", str(plan.vae_steps),
+                 "--lr", "2e-3", "--time_lr", "2e-3", "--perceptual_weight", "0", "--disc_start", "1000000",
+                 "--num_workers", "0", "--seed", str(plan.seed), "--scaling_clips", "16",
+                 "--output_dir", vae_train_dir, "--device", str(device)], root, quiet=True)
+    before = reconstruction_metrics(init_vae_dir, heldout_path, plan, device)
+    after = reconstruction_metrics(vae_dir, heldout_path, plan, device)
+    with open(os.path.join(vae_dir, "config.json"), encoding="utf-8") as f:
+        scaling_factor = json.load(f)["scaling_factor"]
+    print(f"    (its log: $OUT/logs/train-vae.log) held-out reconstruction of {after['clips']} clips: "
+          f"PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB, SSIM {before['ssim']:.3f} -> {after['ssim']:.3f} "
+          f"(before -> after training); scaling_factor {scaling_factor:.4g} (1 / std of its latents, measured by "
+          "train-vae) gives the diffusion model unit-variance latents")
+    vae_record = {"steps": plan.vae_steps, "before": before, "after": after, "scaling_factor": scaling_factor}
     print("\n5c. Latent cache: VAE posteriors and tiny-text-encoder caption states, stored once")
     osp_command(["cache-latents", "--data_path", data_path, "--num_frames", str(plan.num_frames), "--max_image_size",
                  str(plan.size), "--use_image_num", "0", "--ae_path", vae_dir, "--text_encoder_name", "tiny",
                  "--caption_channels", "64", "--model_max_length", str(plan.model_max_length), "--cache_dir",
                  cache_dir, "--mixed_precision", "no", "--cache_windows", "1", "--device", str(device)], root)
-    timings["cache"] = time.perf_counter() - t
+    timings["vae+cache"] = time.perf_counter() - t
 
     t = time.perf_counter()
     latent_frames = (plan.num_frames - 1) // 4 + 1
@@ -378,15 +396,15 @@ def run_training_story(root: str, plan: Plan, device: torch.device) -> dict:
                 root, quiet=True)
     mp4s = sorted(n for n in os.listdir(samples_dir) if n.endswith(".mp4"))
     print(f"    {len(mp4s)} mp4s in {samples_dir} ({len(mp4_prompts)} prompts and their grid; the log is "
-          f"$OUT/logs/sample.log). The VAE has random weights, so they show what its decoder makes of the sampled "
-          "latents, not shapes: learning is judged in latent space below.")
+          f"$OUT/logs/sample.log), decoded by the trained VAE: blurry coloured shapes at its {after['psnr']:.0f} dB.")
     timings["sample"] = time.perf_counter() - t
 
     t = time.perf_counter()
     record = check(root, plan, device, z, attrs, attribute, prompts, truth, ceilings, chances, init_dir,
                    os.path.join(train_dir, "model_ema"), vae_dir)
     timings["check"] = time.perf_counter() - t
-    record.update(timings=timings, mp4s=[os.path.join(samples_dir, n) for n in mp4s], losses=loss_curve(losses))
+    record.update(timings=timings, mp4s=[os.path.join(samples_dir, n) for n in mp4s], losses=loss_curve(losses),
+                  vae=vae_record)
     write_json(os.path.join(root, "learned_prompt.json"), record)
     print("\n(the numbers above: $OUT/learned_prompt.json)")
     return record
@@ -399,7 +417,7 @@ def check(root: str, plan: Plan, device: torch.device, z: torch.Tensor, attrs: L
     nearest class-mean latent."""
     names, means = class_means(z, [a[attribute] for a in attrs])
     chance = chances[attribute]
-    print("\n## 6. Did it learn the prompt? (judged in latent space: the VAE has random weights)\n")
+    print("\n## 6. Did it learn the prompt? (judged in latent space, where the attributes are measured)\n")
     others = ", ".join(f"{a} {ceilings[a]:.2f} (chance {chances[a]:.2f})" for a in ceilings if a != attribute)
     print(f"Judged attribute: {attribute}, the one this VAE's latents separate best: a training clip's latent is "
           f"nearest its own {attribute}'s mean latent (the others' clips held out) for {ceilings[attribute]:.2f} of "

@@ -46,7 +46,9 @@ def _extension_lines() -> list:
         f"compiled extension osp._C: loaded from {_ext.LIBRARY}",
         f"  built against torch {meta.get('torch')} with {meta.get('compiler', '?')}",
         f"  CPU ISA levels built: {', '.join(meta.get('cpu_isas', []))}; usable here: {', '.join(_ext.cpu_isas())}; "
-        f"active: {_ext.cpu_isa()} (OSP_CPU_ISA={os.environ.get('OSP_CPU_ISA', '') or 'unset: the best usable'})",
+        f"active: {_ext.cpu_isa()} (OSP_CPU_ISA={os.environ.get('OSP_CPU_ISA', '') or 'unset: the best usable'}); "
+        + (f"OpenMP, {torch.get_num_threads()} threads (torch.set_num_threads)" if meta.get("openmp")
+           else "no OpenMP: its kernels run on one thread (rebuild with this setup.py)"),
         "  CUDA: " + (f"CUDA {meta.get('cuda_version')}, archs {', '.join(meta.get('cuda_archs', []))}" if meta.get("cuda")
                       else meta.get("cuda_reason") or "not built (osp._C_cuda: OSP_BUILD_CUDA with a CUDA torch)"),
         f"  ops served: {ops}",
