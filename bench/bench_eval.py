@@ -1,4 +1,4 @@
-"""VAE reconstruction metrics: SSIM + PSNR of a batch of clips, osp.eval against upstream's loop.
+"""VAE reconstruction metrics: SSIM + PSNR, and LPIPS, of a batch of clips, osp.eval against upstream's loops.
 
 Op "ssim+psnr": ``osp.eval.ssim(a, b)`` and ``osp.eval.psnr(a, b)`` on (B, T, 3, H, W) clips in [0, 1]
 (float32 inputs), per-video values, as ``osp eval-vae`` calls them; "torch-f64" computes in float64
@@ -15,6 +15,11 @@ the baseline is, if anything, faster than upstream's 2-D filter, so the speedup 
 CPU: 16 clips of 17x256x256 (the issue's target: >= 20x the loop). GPU: the same and 16 clips of
 17x512x512; the loop runs on the CPU (upstream moves every frame to numpy). "data" holds clips/s and
 the largest difference between osp's values and the loop's on the first two clips.
+
+Op "lpips": ``osp.eval.lpips`` (AlexNet LPIPS v0.1, upstream's spatial-map mean; random seeded
+weights, since nothing is downloaded) with the frames of the batch through the network 34 at a
+time, against upstream's cal_lpips.py loop: the same network on one (1, 3, H, W) frame pair at a
+time. CPU: 2 clips of 17x256x256; GPU: 4.
 """
 from __future__ import annotations
 
@@ -129,4 +134,38 @@ def cases(device: str, quick: bool) -> List[Case]:
                 bytes=2 * a.numel() * a.element_size(),
                 data=dict(clips=B, max_abs_diff_vs_loop_ssim_or_psnr_over_100=diff, filter=filter_name),
                 ))
+    out.extend(_lpips_cases(device, quick))
     return out
+
+
+def upstream_lpips_loop(a: torch.Tensor, b: torch.Tensor, model) -> torch.Tensor:
+    """Upstream's cal_lpips.py: per video, per frame, the spatial LPIPS map of (1, 3, H, W) frames in
+    [-1, 1] and its mean; the frame means averaged per video."""
+    out = torch.empty(a.shape[0])
+    with torch.no_grad():
+        for i in range(a.shape[0]):
+            vals = [model(a[i, t:t + 1] * 2 - 1, b[i, t:t + 1] * 2 - 1).mean() for t in range(a.shape[1])]
+            out[i] = torch.stack(vals).mean()
+    return out
+
+
+def _lpips_cases(device: str, quick: bool) -> List[Case]:
+    """LPIPS-alex (random weights, seeded: no downloads) of a batch of clips: osp.eval.lpips, every
+    frame of the batch through the network at once, against upstream's frame-at-a-time loop."""
+    from osp.eval import LPIPS, lpips
+
+    shape = (1, 5, 3, 64, 64) if quick else ((4, 17, 3, 256, 256) if device.startswith("cuda") else (2, 17, 3, 256, 256))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LPIPS("alex", spatial=True, pretrained=False).to(device)
+    a, b = _clips(shape, device)
+    ref = upstream_lpips_loop(a[:1], b[:1], model)
+    got = lpips(a[:1], b[:1], model=model).cpu()
+    return [Case(
+        op="lpips", shape="x".join(map(str, shape)), dtype="fp32", layout="btchw", backend="torch (batched)",
+        mode="fwd", run=lambda: lpips(a, b, model=model, batch_frames=34),
+        baseline=lambda: upstream_lpips_loop(a, b, model),
+        baseline_name="upstream per-frame LPIPS loop (same network, spatial map mean)",
+        bytes=2 * a.numel() * a.element_size(),
+        data=dict(clips=shape[0], net="alex (random weights)", max_abs_diff_vs_loop=float((got - ref).abs().max())),
+    )]
