@@ -50,7 +50,10 @@ def cases(device: str, quick: bool) -> List[Case]:
     """
     cuda = device.startswith("cuda")
     if cuda:
-        plan = [(GPU_SHAPES, torch.bfloat16, ["triton", "torch"])]
+        # ext: the CUDA half of osp._C when it was built (make gpu-check builds it), against torch
+        # and beside the Triton kernel (its target: within 10% of it).
+        gpu_ext = ["ext"] if _ext.why_not("group_norm_act", "cuda") is None else []
+        plan = [(GPU_SHAPES, torch.bfloat16, ["triton"] + gpu_ext + ["torch"])]
     else:
         cpu_backends = ["torch"] + (["ext"] if _ext.why_not("group_norm_act", "cpu") is None else [])
         plan = [(CPU_SHAPES, dt, cpu_backends) for dt in (torch.float32, torch.bfloat16)]
