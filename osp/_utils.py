@@ -61,6 +61,15 @@ def triton_missing() -> Optional[str]:
     return optional_module("triton", "triton", "triton")[1]
 
 
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def no_autocast_anywhere() -> bool:
+    """True when autocast is off on every device (one C call; the ops' fast path). False when unknown:
+    while torch.compile traces (Dynamo need not know this function) or on a torch without it."""
+    return _ANY_AUTOCAST is not None and not torch.compiler.is_compiling() and not _ANY_AUTOCAST()
+
+
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` casts to on ``device_type`` ("cpu", "cuda"), or None when
     autocast is off there (or the device type has no autocast)."""

@@ -36,7 +36,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
-from .._utils import autocast_dtype, trace_constant
+from .._utils import autocast_dtype, no_autocast_anywhere, trace_constant
 
 logger = logging.getLogger("osp.ops")
 
@@ -175,7 +175,7 @@ class Op:
         """``tensors`` as torch.autocast hands them to this op's torch counterpart: under autocast on
         a tensor's device, a floating tensor other than float64 is cast to the dtype of the op's
         policy. Anything else (None, ints, other dtypes, autocast off) passes through unchanged."""
-        if self.autocast_policy is None:
+        if self.autocast_policy is None or no_autocast_anywhere():
             return tensors
         out = []
         for t in tensors:
@@ -226,7 +226,7 @@ class Op:
         """Run the chosen backend on validated args; args[0] is the main tensor. Under autocast the
         inputs were cast by ``autocast`` already, so the backend runs with autocast off."""
         device_type = args[0].device.type
-        if autocast_dtype(device_type) is None:
+        if no_autocast_anywhere() or autocast_dtype(device_type) is None:
             return self.select(args, kwargs, backend).run(*args, **kwargs)
         with torch.autocast(device_type, enabled=False):
             return self.select(args, kwargs, backend).run(*args, **kwargs)

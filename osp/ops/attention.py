@@ -138,6 +138,10 @@ def _torch_run(q, k, v, key_padding_mask, scale):
     scale = _scale(q, scale)
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and bool(key_padding_mask.any(dim=1).all()):
+        # On CPU asking the host costs nothing: with no fully masked batch the mask goes to SDPA as is,
+        # without the fix-up's passes over the output.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask[:, None, None, :], scale=scale)
     keep, has_key = _safe_mask(key_padding_mask)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=scale)
     return _zero_empty(out, has_key)
