@@ -624,3 +624,24 @@ def test_nn_causal_conv3d_matches_upstream():
         osp.nn.CausalConv3d(3, 5, (3, 3))
     with pytest.raises(ValueError, match=r"CausalConv3d: stride=-1"):
         osp.nn.CausalConv3d(3, 5, 3, stride=-1)
+
+
+def test_torch_backend_under_non_reentrant_checkpointing():
+    """The CPU fp32 path is a torch.autograd.Function (oneDNN forward and backward): a checkpointed
+    pair of convs recomputes in the backward and gives the plain backward's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 5, 8, 9, generator=g, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(4, generator=g, requires_grad=True)
+
+    def f(x, w, b):
+        h = causal_conv3d(x, w, b, padding=1, backend="torch")
+        return causal_conv3d(torch.tanh(h), w, b, stride=(2, 1, 1), padding=1, backend="torch")
+
+    dy = torch.randn(1, 4, 3, 8, 9, generator=g)
+    expected = torch.autograd.grad(f(x, w, b), (x, w, b), dy)
+    got = torch.autograd.grad(checkpoint(f, x, w, b, use_reentrant=False), (x, w, b), dy)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)

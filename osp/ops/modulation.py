@@ -127,6 +127,7 @@ class _LayerNormModulateExt(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         saved = ctx.saved_tensors  # outside below_autograd: unpacking may run a checkpoint's recomputation
         with _ext.below_autograd():
@@ -235,6 +236,7 @@ class _GatedResidualExt(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         saved = ctx.saved_tensors  # outside below_autograd: unpacking may run a checkpoint's recomputation
         with _ext.below_autograd():
