@@ -69,7 +69,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .harness import Case
+from .harness import Case, peak_cuda_mib
 
 # --- configurations ------------------------------------------------------------------------------------
 
@@ -347,12 +347,7 @@ def build_sides(spec: Dict, device: str):
 def _peak_mib(side: StepSide, fn: Callable[[], object]) -> float:
     """The side's resident weights and AdamW state plus the allocator's peak above what was allocated
     before one call of fn (CUDA)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (side.resident_bytes() + torch.cuda.max_memory_allocated() - base) / 2**20
+    return side.resident_bytes() / 2**20 + peak_cuda_mib(fn)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from .harness import Case
+from .harness import Case, peak_cuda_mib
 
 OP, MODE = "vae_train_step", "gen+disc"
 BASELINE = "upstream-style (replicate+cat+conv3d, interpolate then conv, eager GroupNorm, SiLU)"
@@ -87,12 +87,7 @@ def build_side(vae, disc_state: Dict[str, torch.Tensor], perceptual, device: str
 
 
 def _peak_mib(fn: Callable[[], object], resident: Callable[[], int]) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (resident() + torch.cuda.max_memory_allocated() - base) / 2**20
+    return resident() / 2**20 + peak_cuda_mib(fn)
 
 
 def cases(device: str, quick: bool) -> List[Case]:

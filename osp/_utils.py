@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
 import os
 from types import ModuleType
 from typing import Callable, Dict, Optional, Tuple
@@ -34,6 +35,21 @@ def trace_constant(fn: Callable) -> Callable:
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def write_json_atomic(path: str, obj, indent: int = 1) -> None:
+    """``obj`` as JSON (and a newline) written to a temporary file beside ``path`` and renamed into place:
+    a reader sees the old file or the whole new one, never a part; the temporary file is removed when
+    writing fails."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:

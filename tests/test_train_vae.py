@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import osp
@@ -315,6 +314,8 @@ def test_what_trains_and_what_does_not(straight):
     d2, d4 = disc_weights(ck2), disc_weights(ck4)
     # batch 0 left the discriminator's weights at their seeded init (f = 0), batch 1 moved them
     assert any(not torch.equal(d2[k], fresh[k.replace("discriminator.", "", 1)]) for k in d2)
+    # and it trained on at batches 2 and 3
+    assert any(not torch.equal(d4[k], d2[k]) for k in d2)
     # the autoencoder moved every step; logvar stayed
     init = {"vae." + k: v for k, v in tiny_vae().state_dict().items()}
     w2, w4 = load_file(os.path.join(ck2, "model.safetensors")), load_file(os.path.join(ck4, "model.safetensors"))

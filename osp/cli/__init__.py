@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, NoReturn, Optional
+from typing import List, NoReturn, Optional, Sequence
 
 # Module names under osp.cli, in the order ``osp --help`` lists them.
 COMMANDS = ("info", "demo", "bench", "sample", "make-data", "cache-latents", "train-t2v", "train-vae", "reconstruct",
@@ -38,6 +38,20 @@ def device_arg(name: Optional[str]):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here; expected --device cpu")
     return device
+
+
+def check_clip_flags(args, positive: Sequence[str]) -> None:
+    """The clip flags of upstream's VAE scripts (reconstruct, eval-vae): each of ``positive`` a
+    positive int, --subset_size 0 (all) or positive, --crop_size no larger than --resolution."""
+    for flag in positive:
+        value = getattr(args, flag)
+        if value < 1:
+            raise UsageError(f"--{flag} {value}: expected a positive int")
+    if args.subset_size < 0:
+        raise UsageError(f"--subset_size {args.subset_size}: expected 0 (all) or a positive int")
+    if args.crop_size > args.resolution:
+        raise UsageError(f"--crop_size {args.crop_size} > --resolution {args.resolution}: expected a crop no "
+                         "larger than the resized short side")
 
 
 class Parser(argparse.ArgumentParser):

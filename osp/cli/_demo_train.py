@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._utils import write_json_atomic
+
 MARKER = "osp-demo.json"  # in --output_dir: which demo wrote the folder, and whether it finished
 # What the demo writes under --output_dir (all of it is replaced by the next demo run there).
 OUTPUTS = ("data", "heldout", "vae_init", "vae", "cache", "untrained", "train", "samples", "learned_prompt.json",
@@ -96,17 +98,8 @@ def prepare_output_dir(path: str, plan: Plan) -> str:
             elif os.path.exists(p):
                 os.remove(p)
     os.makedirs(path, exist_ok=True)
-    write_json(os.path.join(path, MARKER), {"complete": False, "plan": asdict(plan), "started": time.time()})
+    write_json_atomic(os.path.join(path, MARKER), {"complete": False, "plan": asdict(plan), "started": time.time()})
     return path
-
-
-def write_json(path: str, obj) -> None:
-    """JSON written to a temporary name and renamed into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # --- running osp commands ---------------------------------------------------------------------------
@@ -405,7 +398,7 @@ def run_training_story(root: str, plan: Plan, device: torch.device) -> dict:
     timings["check"] = time.perf_counter() - t
     record.update(timings=timings, mp4s=[os.path.join(samples_dir, n) for n in mp4s], losses=loss_curve(losses),
                   vae=vae_record)
-    write_json(os.path.join(root, "learned_prompt.json"), record)
+    write_json_atomic(os.path.join(root, "learned_prompt.json"), record)
     print("\n(the numbers above: $OUT/learned_prompt.json)")
     return record
 
@@ -491,7 +484,7 @@ def loss_curve(losses: List[float], parts: int = 10) -> str:
 
 
 def finish(root: str, plan: Plan, summary: dict) -> None:
-    write_json(os.path.join(root, MARKER), {"complete": True, "plan": asdict(plan), **summary})
+    write_json_atomic(os.path.join(root, MARKER), {"complete": True, "plan": asdict(plan), **summary})
 
 
 def plan_for(quick: bool, train_steps: Optional[int] = None) -> Plan:

@@ -26,7 +26,6 @@ Added by osp: several --metric values at once, --json, --lpips_weights, --lpips_
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -34,7 +33,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import UsageError, device_arg
+from .._utils import write_json_atomic
+from . import UsageError, check_clip_flags, device_arg
 
 METRICS = ("ssim", "psnr", "lpips", "flolpips", "fvd")
 DEFAULT_METRICS = ["ssim", "psnr"]
@@ -66,15 +66,7 @@ def register(subparsers) -> None:
 
 
 def _check(args) -> None:
-    for flag in ("num_frames", "sample_rate", "resolution", "crop_size", "batch_size"):
-        value = getattr(args, flag)
-        if value < 1:
-            raise UsageError(f"--{flag} {value}: expected a positive int")
-    if args.subset_size < 0:
-        raise UsageError(f"--subset_size {args.subset_size}: expected 0 (all) or a positive int")
-    if args.crop_size > args.resolution:
-        raise UsageError(f"--crop_size {args.crop_size} > --resolution {args.resolution}: expected a crop no "
-                         "larger than the resized short side")
+    check_clip_flags(args, ("num_frames", "sample_rate", "resolution", "crop_size", "batch_size"))
     if "ssim" in args.metric and args.crop_size < 11:
         raise UsageError(f"--crop_size {args.crop_size}: ssim needs frames of at least 11x11")
     for flag in ("real_video_dir", "generated_video_dir"):
@@ -159,19 +151,6 @@ def _aggregate(per_video: Dict[str, dict], batches: List[List[str]], metric: str
     if not n:
         return {"mean": None, "upstream": None, "videos": 0}
     return {"mean": num / den, "upstream": unum / uden, "videos": n}
-
-
-def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def run(args) -> int:
@@ -284,6 +263,7 @@ def run(args) -> int:
         "seconds": round(time.time() - start, 3),
     }
     path = args.json or os.path.join(args.generated_video_dir, JSON_NAME)
-    _write_json(path, record)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json_atomic(path, record, indent=2)
     print(f"results written to {path}")
     return 0

@@ -20,7 +20,6 @@ Added by osp: --seed, --sample_posterior, --dtype, --device, --tiling_mode, --co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +27,8 @@ from fractions import Fraction
 
 import torch
 
-from . import UsageError, device_arg
+from .._utils import write_json_atomic
+from . import UsageError, check_clip_flags, device_arg
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RECORD = "reconstruct.json"
@@ -68,15 +68,7 @@ def register(subparsers) -> None:
 
 
 def _check(args) -> None:
-    for flag in ("num_frames", "sample_rate", "resolution", "crop_size"):
-        value = getattr(args, flag)
-        if value < 1:
-            raise UsageError(f"--{flag} {value}: expected a positive int")
-    if args.subset_size < 0:
-        raise UsageError(f"--subset_size {args.subset_size}: expected 0 (all) or a positive int")
-    if args.crop_size > args.resolution:
-        raise UsageError(f"--crop_size {args.crop_size} > --resolution {args.resolution}: expected a crop no "
-                         "larger than the resized short side")
+    check_clip_flags(args, ("num_frames", "sample_rate", "resolution", "crop_size"))
     if not args.sample_fps > 0:
         raise UsageError(f"--sample_fps {args.sample_fps}: expected a positive number")
     if not 0 <= args.tile_overlap_factor < 1:
@@ -190,11 +182,7 @@ def run(args) -> int:
         "codec", "crf")}, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
         "videos": done, "skipped": skipped, "seconds": round(time.time() - start, 3)}
     path = os.path.join(out_dir, RECORD)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, record, indent=2)
     print(f"{len(done)} reconstructions written to {out_dir}" + (f" ({len(skipped)} skipped)" if skipped else "")
           + f"; record: {path}")
     return 0

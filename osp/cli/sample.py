@@ -29,6 +29,7 @@ from typing import List
 
 import torch
 
+from .._utils import write_json_atomic
 from ..data.video import write_mp4
 from . import UsageError, device_arg
 
@@ -269,14 +270,6 @@ def image_grid(images: torch.Tensor) -> torch.Tensor:
     return grid
 
 
-def write_json(path: str, record: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 # --- the command ---------------------------------------------------------------------------------------
 
 
@@ -383,7 +376,7 @@ def run(args) -> int:
             write_mp4(path, video[0], args.fps, crf=5)
         record = {"file": os.path.basename(path), "prompt": prompt, "seed": seed + i, **base,
                   "seconds": round(time.time() - start, 3)}
-        write_json(os.path.splitext(path)[0] + ".json", record)
+        write_json_atomic(os.path.splitext(path)[0] + ".json", record, indent=2)
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         print(f"saved {path}", flush=True)
@@ -395,8 +388,9 @@ def run(args) -> int:
         write_jpg(grid_path, image_grid(videos[:, 0]))
     else:
         write_mp4(grid_path, video_grid(videos), args.fps, crf=5)
-    write_json(os.path.splitext(grid_path)[0] + ".json",
-               {"file": os.path.basename(grid_path), "grid_of": [r for r in prompts], "seed": seed, **base})
+    write_json_atomic(os.path.splitext(grid_path)[0] + ".json",
+                      {"file": os.path.basename(grid_path), "grid_of": [r for r in prompts], "seed": seed, **base},
+                      indent=2)
     print(f"saved {grid_path} (grid of {len(prompts)})")
     print(f"save path {args.save_img_path}")
     return 0

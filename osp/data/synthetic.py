@@ -13,13 +13,13 @@ first clips. Colours are balanced: clip i has colour ``COLORS[(i + seed) % 6]``.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .._utils import write_json_atomic
 from .video import encoder_name, write_mp4
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
@@ -115,14 +115,6 @@ def write_png(path: str, image: np.ndarray) -> None:
             os.remove(tmp)
 
 
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _public(attrs: dict) -> dict:
     return {k: v for k, v in attrs.items() if k not in ("centers", "radius")}
 
@@ -158,7 +150,7 @@ def make_dataset(output_dir: str, num_videos: int = 64, num_frames: int = 17, si
         if progress is not None:
             progress(1)
     data_path = os.path.join(output_dir, VIDEO_JSON)
-    write_json(data_path, entries)
+    write_json_atomic(data_path, entries)
     image_data_path = None
     if num_images:
         os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
@@ -174,5 +166,5 @@ def make_dataset(output_dir: str, num_videos: int = 64, num_frames: int = 17, si
             if progress is not None:
                 progress(1)
         image_data_path = os.path.join(output_dir, IMAGE_JSON)
-        write_json(image_data_path, images)
+        write_json_atomic(image_data_path, images)
     return {"data_path": data_path, "image_data_path": image_data_path, "videos": num_videos, "images": num_images}

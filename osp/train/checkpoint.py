@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 STATE_NAME = "training_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -144,3 +144,28 @@ def remove_stale(output_dir: str) -> List[str]:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
             gone.append(name)
     return gone
+
+
+def save_all(accelerator, output_dir: str, step: int, state: Dict[str, object],
+             write_extra: Optional[Callable[[str], None]] = None, total_limit: Optional[int] = None,
+             log: Callable[[str], None] = print) -> str:
+    """The checkpoint save both trainers run, a collective (every process calls it): the main process
+    prepares ``checkpoint-<step>.tmp``, every process writes accelerate's state into it and then
+    ``write_extra(tmp)`` (the trainer's own files; it decides which process writes what), the main
+    process completes and renames it (``finish``) and prunes to ``total_limit``. Returns the final path."""
+    main = accelerator.is_main_process
+    tmp = checkpoint_dir(output_dir, step) + TMP_SUFFIX
+    if main:
+        begin(output_dir, step)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if write_extra is not None:
+        write_extra(tmp)
+    accelerator.wait_for_everyone()
+    final = checkpoint_dir(output_dir, step)
+    if main:
+        final = finish(tmp, state)
+        for gone in prune(output_dir, total_limit):
+            log(f"removed {gone} (--checkpoints_total_limit {total_limit})")
+    accelerator.wait_for_everyone()
+    return final

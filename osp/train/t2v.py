@@ -221,6 +221,19 @@ def check_config(cfg: TrainConfig, *, have_dataset: bool = False, have_encoders:
 # --- batches ----------------------------------------------------------------------------------------------
 
 
+def resumable_loader(dataset, sampler, epoch: int, start_batch: int, batch_size: int, num_workers: int,
+                     collate_fn, device: torch.device):
+    """A DataLoader over ``dataset`` for ``epoch`` that starts at batch ``start_batch`` of this process's
+    shard (osp.data.ResumableSampler's ``set_epoch(start=)``), so a resumed run sees no sample twice."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch, start=start_batch * batch_size)
+    kw = {"prefetch_factor": 2} if num_workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=num_workers, collate_fn=collate_fn,
+                                       pin_memory=device.type == "cuda", persistent_workers=False, **kw)
+
+
 def collate(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Batch dataset items: tensors stacked, "captions" a list of per-item caption lists, "index" a
     (B,) int64 tensor, "skipped" one flat list of "path: reason" strings (items may carry a list or
@@ -737,16 +750,8 @@ def train(cfg: TrainConfig, *, dataset=None, vae=None, text_encoder=None,
     sampler = sampler_factory(len(dataset), seed=seed, shuffle=True, num_replicas=world, rank=rank, drop_last=True)
 
     def make_loader(ep: int, start_batch: int):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(ep)
-        sampler.set_epoch(ep, start=start_batch * cfg.train_batch_size)
-        kw = {}
-        if cfg.dataloader_num_workers > 0:
-            kw["prefetch_factor"] = 2
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.train_batch_size, sampler=sampler, drop_last=True,
-            num_workers=cfg.dataloader_num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
-            persistent_workers=False, **kw)
+        return resumable_loader(dataset, sampler, ep, start_batch, cfg.train_batch_size, cfg.dataloader_num_workers,
+                                collate, device)
 
     # --- checkpoints, models, validation --------------------------------------------------------------
     def run_state() -> Dict[str, Any]:
@@ -757,23 +762,14 @@ def train(cfg: TrainConfig, *, dataset=None, vae=None, text_encoder=None,
                 "model": _model_id(cfg.model), "distributed_type": str(accelerator.distributed_type),
                 "time": time.time()}
 
-    def save_checkpoint() -> str:
-        tmp = ckpt.checkpoint_dir(cfg.output_dir, global_step) + ckpt.TMP_SUFFIX
-        if main:
-            ckpt.begin(cfg.output_dir, global_step)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
+    def save_ema(tmp: str) -> None:
         if ema is not None and (sharded_ema or main):
             name = f"ema_rank{rank}.pt" if sharded_ema else EMA_NAME
             torch.save(ema.state_dict(), os.path.join(tmp, name))
-        accelerator.wait_for_everyone()
-        final = ckpt.checkpoint_dir(cfg.output_dir, global_step)
-        if main:
-            final = ckpt.finish(tmp, run_state())
-            for gone in ckpt.prune(cfg.output_dir, cfg.checkpoints_total_limit):
-                log(f"removed {gone} (--checkpoints_total_limit {cfg.checkpoints_total_limit})")
-        accelerator.wait_for_everyone()
-        return final
+
+    def save_checkpoint() -> str:
+        return ckpt.save_all(accelerator, cfg.output_dir, global_step, run_state(), save_ema,
+                             cfg.checkpoints_total_limit, log)
 
     def full_state_dict(use_ema: bool) -> Dict[str, torch.Tensor]:
         """The whole model's state dict (a collective under FSDP/ZeRO-3: every process calls it)."""

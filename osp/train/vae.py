@@ -42,7 +42,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .rng import INIT, derive_seed, seed_global, step_generator
-from .t2v import ConfigError, JsonlLog, _save_model_dir, _StopSignal
+from .t2v import ConfigError, JsonlLog, _save_model_dir, _StopSignal, resumable_loader
 from .vae_loss import LPIPSWithDiscriminator, disc_start_from_batches, lightning_step
 
 LOG_NAME = "train_log.jsonl"
@@ -654,13 +654,7 @@ def train(cfg: VAETrainConfig, *, dataset=None, eval_dataset=None, vae=None, per
                               yield_epoch=True)
 
     def make_loader(ep: int, start_batch: int):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(ep)
-        sampler.set_epoch(ep, start=start_batch * cfg.batch_size)
-        kw = {"prefetch_factor": 2} if cfg.num_workers > 0 else {}
-        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                           num_workers=cfg.num_workers, collate_fn=_collate(),
-                                           pin_memory=device.type == "cuda", **kw)
+        return resumable_loader(dataset, sampler, ep, start_batch, cfg.batch_size, cfg.num_workers, _collate(), device)
 
     # --- checkpoints, evaluation ------------------------------------------------------------------------------
     def run_state() -> Dict[str, Any]:
@@ -668,22 +662,13 @@ def train(cfg: VAETrainConfig, *, dataset=None, eval_dataset=None, vae=None, per
                 "batch_size": cfg.batch_size, "nonfinite_skips": skips_total, "nonfinite_in_row": skips_in_row,
                 "loss": settings, "time": time.time(), "kind": "causal-video-vae"}
 
-    def save_checkpoint() -> str:
-        tmp = ckpt.checkpoint_dir(cfg.output_dir, global_step) + ckpt.TMP_SUFFIX
-        if main:
-            ckpt.begin(cfg.output_dir, global_step)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
+    def save_logvar(tmp: str) -> None:
         if main:
             torch.save({"logvar": loss.logvar.detach().cpu()}, os.path.join(tmp, LOSS_STATE_NAME))
-        accelerator.wait_for_everyone()
-        final = ckpt.checkpoint_dir(cfg.output_dir, global_step)
-        if main:
-            final = ckpt.finish(tmp, run_state())
-            for gone in ckpt.prune(cfg.output_dir, cfg.checkpoints_total_limit):
-                log(f"removed {gone} (--checkpoints_total_limit {cfg.checkpoints_total_limit})")
-        accelerator.wait_for_everyone()
-        return final
+
+    def save_checkpoint() -> str:
+        return ckpt.save_all(accelerator, cfg.output_dir, global_step, run_state(), save_logvar,
+                             cfg.checkpoints_total_limit, log)
 
     eval_clips = _first_clips(eval_dataset, cfg.eval_num_clips) if eval_dataset is not None else []
     eval_results: List[Dict[str, Any]] = []
