@@ -37,6 +37,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when autograd would record a call on ``tensors`` (grad mode on and one of them, None
+    skipped, requires grad): the test for taking an inference-only path (in place, no Function)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def write_json_atomic(path: str, obj, indent: int = 1) -> None:
     """``obj`` as JSON (and a newline) written to a temporary file beside ``path`` and renamed into place:
     a reader sees the old file or the whole new one, never a part; the temporary file is removed when

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._utils import ACTIVATIONS
+from .._utils import ACTIVATIONS, records_grad
 from ..ops.group_norm import group_norm_, group_norm_in_place_why_not
 
 
@@ -51,8 +51,7 @@ class GroupNorm(nn.GroupNorm):
         return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, act=self.act)
 
     def _may_write(self, x: torch.Tensor) -> bool:
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                p is not None and p.requires_grad for p in (self.weight, self.bias))):
+        if records_grad(x, self.weight, self.bias):
             return False
         return group_norm_in_place_why_not(x, self.num_groups, self.weight, self.bias, self.eps, act=self.act) is None
 

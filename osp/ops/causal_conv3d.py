@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .._utils import FLOAT_DTYPES, memory_format_of
+from .._utils import FLOAT_DTYPES, memory_format_of, records_grad
 from ._dispatch import Backend, Op
 from ._dtypes import check_same_dtype, lower_precision
 from ._triton import triton_why_not
@@ -273,8 +273,7 @@ def _onednn_usable(x) -> bool:
 def _conv3d(x, weight, bias, stride, padding3):
     """F.conv3d, except fp32 on CPU runs oneDNN forward and backward (see _OneDNNConv3d)."""
     if _onednn_usable(x):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                        (bias is not None and bias.requires_grad)):
+        if records_grad(x, weight, bias):
             if hasattr(torch.ops.mkldnn, "_convolution_transpose_pointwise"):
                 return _OneDNNConv3d.apply(x, weight, bias, tuple(stride), tuple(padding3))
         return torch.mkldnn_convolution(x, weight, bias, padding3, stride, (1, 1, 1), 1)
@@ -429,8 +428,7 @@ def _triton_why_not(x, weight, bias, stride, padding, residual, history=None, up
         return reason
     if x.dtype == torch.float64:
         return "float64 is computed in fp32 by the kernel; the torch backend keeps float64"
-    if history is not None and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, residual, history)):
+    if history is not None and records_grad(x, weight, bias, residual, history):
         return "history= (streaming) is forward-only on the triton backend; gradients go through torch"
     return None
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._utils import ACTIVATIONS, FLOAT_DTYPES
+from .._utils import ACTIVATIONS, FLOAT_DTYPES, records_grad
 from . import _ext
 from ._dispatch import Backend, BackendUnavailable, Op
 from ._dtypes import check_param_dtype, float32_except_cpu
@@ -249,7 +249,7 @@ def group_norm_(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor]
     """
     _check(x, num_groups, weight, bias, act, fn="group_norm_")
     _check_eps(eps)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in (weight, bias))):
+    if records_grad(x, weight, bias):
         raise ValueError("group_norm_: writes x in place and records no gradient; call it under torch.no_grad() "
                          "or use group_norm")
     forced = _inplace_forced(backend)

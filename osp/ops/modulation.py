@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._utils import FLOAT_DTYPES
+from .._utils import FLOAT_DTYPES, records_grad
 from . import _ext
 from ._dispatch import Backend, Op
 from ._dtypes import check_param_dtype, float32_except_cpu
@@ -134,15 +134,11 @@ class _LayerNormModulateExt(torch.autograd.Function):
             return _ext.layer_norm_modulate_grads(dy, *saved, ctx.shift_rows, ctx.shift_dtype) + (None,)
 
 
-def _records_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _lnm_ext_run(x, shift, scale, eps):
     x = x if x.is_contiguous() else x.contiguous()
     if torch.compiler.is_compiling():  # the registered op, with its torch.library autograd and fake kernels
         return torch.ops.osp_C.layer_norm_modulate(x, _rows(shift), _rows(scale), float(eps))[0]
-    if not _records_grad(x, shift, scale):  # inference: the kernel alone
+    if not records_grad(x, shift, scale):  # inference: the kernel alone
         with _ext.below_autograd():
             return torch.ops.osp_C.layer_norm_modulate(x, _rows(shift), _rows(scale), float(eps))[0]
     return _LayerNormModulateExt.apply(x, _rows(shift), _rows(scale), float(eps))
@@ -248,7 +244,7 @@ def _gated_ext_run(x, gate, y):
     y = y if y.is_contiguous() else y.contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.osp_C.gated_residual(x, _rows(gate), y)
-    if not _records_grad(x, gate, y):
+    if not records_grad(x, gate, y):
         with _ext.below_autograd():
             return torch.ops.osp_C.gated_residual(x, _rows(gate), y)
     return _GatedResidualExt.apply(x, _rows(gate), y)
